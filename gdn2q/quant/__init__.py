@@ -1,0 +1,1 @@
+"""Quantization: weight recipes (torchao, bitsandbytes), precision policy, recurrent-state formats."""
