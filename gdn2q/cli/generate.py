@@ -1,0 +1,87 @@
+"""`gdn2q generate`: prefill a prompt and decode token by token from the explicit state."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from gdn2q.cli.app import app, console, guarded, print_json
+from gdn2q.cli.options import ConfigOpt, JsonOpt, ModelArg
+from gdn2q.data import load_tokenizer
+from gdn2q.errors import DataError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise DataError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@app.command()
+@guarded
+def generate(
+    model: ModelArg = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "ROMEO:",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples from softmax(logits / T).")] = 0.0,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="Sample only among the k likeliest.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    dtype: Annotated[str, typer.Option(help="Weights dtype: fp32, bf16 or fp16.")] = "fp32",
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json (default: the one beside the model).")] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Generate text with a GDN-2 model: prefill the prompt, then decode one token at a time.
+
+    Example: [bold]gdn2q generate --prompt "KING HENRY:" --max-new-tokens 40[/]
+    """
+    from gdn2q import load_model
+
+    lm = load_model(model, dtype=parse_dtype(dtype), device=device, config=config)
+    tok = load_tokenizer(tokenizer or lm.tokenizer_path)
+    ids = tok.encode(prompt).ids
+    if not ids:
+        raise DataError("--prompt encodes to no tokens; give some text")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    state = lm.new_state(1)
+    out: list[int] = []
+    t0 = time.perf_counter()
+    with torch.no_grad(), Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
+                                   TimeElapsedColumn(), console=console, transient=True,
+                                   disable=json_out) as bar:
+        task = bar.add_task("gen", total=max_new_tokens)
+        logits = lm(torch.tensor([ids], device=device), state)[:, -1]
+        t_prefill = time.perf_counter() - t0
+        for _ in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_k, gen)
+            out.append(int(nxt))
+            bar.advance(task)
+            logits = lm(nxt.view(1, 1), state)[:, -1]
+    dt = time.perf_counter() - t0 - t_prefill
+    text = tok.decode(out)
+    result = {"prompt": prompt, "completion": text, "prompt_tokens": len(ids), "new_tokens": len(out),
+              "token_ids": out, "decode_tokens_per_s": len(out) / dt if dt > 0 else None}
+    if json_out:
+        print_json(result)
+        return
+    console.print(f"[bold]{prompt}[/]{text}", highlight=False)
+    console.print(f"[dim]{len(ids)} prompt tokens, {len(out)} new tokens, "
+                  f"{result['decode_tokens_per_s']:.1f} tokens/s decode ({device}, {dtype})[/]")
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)[0]
+    scaled = logits.float()[0] / temperature
+    if top_k:
+        kth = scaled.topk(min(top_k, scaled.numel())).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    return torch.multinomial(scaled.softmax(-1), 1, generator=gen)[0]
