@@ -34,8 +34,8 @@ _BLOCK_COPY = [
     ("mlp.swiglu.w1.weight", "mlp.gate_proj.weight"),
     ("mlp.swiglu.w2.weight", "mlp.up_proj.weight"),
     ("mlp.swiglu.w3.weight", "mlp.down_proj.weight"),
-    ("attn.proj.weight", "attn.o_proj.weight"),
 ]
+_SWA_OUT = ("attn.proj.weight", "attn.o_proj.weight")  # SWA layers only: GDN-2 layers keep attn.o_proj
 _BLOCK = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
 
 
@@ -134,7 +134,7 @@ def litgpt_to_fla(sd: dict[str, torch.Tensor], config: GDN2Config) -> dict[str, 
             continue
         i, rest = int(m.group(1)), m.group(2)
         base = f"model.layers.{i}."
-        mapped = dict(_BLOCK_COPY).get(rest)
+        mapped = dict(_BLOCK_COPY).get(rest) or (_SWA_OUT[1] if rest == _SWA_OUT[0] else None)
         if mapped is not None:
             out[base + mapped] = t
         elif rest == "attn.attn.weight" and config.attn is not None:
@@ -175,5 +175,7 @@ def fla_to_litgpt(sd: dict[str, torch.Tensor], config: GDN2Config) -> dict[str, 
         if config.is_attention_layer(i) and rest in ("attn.q_proj.weight", "attn.k_proj.weight",
                                                       "attn.v_proj.weight"):
             continue
+        if config.is_attention_layer(i) and rest == _SWA_OUT[1]:
+            rest = _SWA_OUT[0]
         out[f"transformer.h.{i}.{binv.get(rest, rest)}"] = t
     return out

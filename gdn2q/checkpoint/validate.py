@@ -27,8 +27,11 @@ def refuse_lookalikes(keys: list[str], shapes: dict[str, tuple[int, ...]], path:
                 "gdn2q reads fla-layout folders and lit_gpt .pth files: export the model to one of those")
         if any("householder" in n or n.startswith("plus") for n in names):
             raise CheckpointError(f"{path}: layer {i} is a GatedDeltaNet2Plus (gdn2_plus) layer, not GDN-2")
-        if "A_log" in names and "w_proj.weight" not in names and "b_proj.weight" in names:
-            prefix = next(k for k in keys if k.endswith(f".{i}.attn.b_proj.weight"))
+        b_key = next((k for k in keys if k.endswith(f".{i}.attn.b_proj.weight")), None)
+        q_key = next((k for k in keys if k.endswith(f".{i}.attn.q_proj.weight")), None)
+        scalar_beta = b_key and q_key and shapes[b_key][0] != shapes[q_key][0]
+        if "A_log" in names and "w_proj.weight" not in names and scalar_beta:
+            prefix = b_key
             raise CheckpointError(
                 f"{path}: tensor {prefix} {list(shapes[prefix])} with no w_proj is the 2025 fla 'gdn2' prototype "
                 "(scalar beta, the precursor of KDA), not Gated DeltaNet-2; it cannot be loaded as GDN-2")

@@ -1,0 +1,39 @@
+"""Shared fixtures: where the reference checkpoints live (../shared in CI and dev checkouts)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GDN2Q_SHARED", REPO.parent / "shared"))
+FIXTURES = ("tiny", "tiny-hybrid", "small")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def shared_path(*parts: str) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} not available (set GDN2Q_SHARED to the shared/ folder)")
+    return p
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    return shared_path()
+
+
+@pytest.fixture
+def checkpoint():
+    """checkpoint("tiny") -> Path of a reference checkpoint folder."""
+    return lambda name: shared_path("checkpoints", name)
+
+
+@pytest.fixture
+def corpus():
+    """corpus("shakespeare_eval.txt") -> Path of a corpus text file."""
+    return lambda name: shared_path("data", "corpus", name)
