@@ -47,6 +47,13 @@ def read_pth(path: Path) -> object:
             "truncated, corrupt or not a checkpoint") from e
 
 
+def _umask_mode(base: int) -> int:
+    """mkstemp/mkdtemp create private (0600/0700) paths; give finished outputs the usual permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 def refuse_existing(path: Path, force: bool) -> None:
     if path.exists() and not force:
         raise OutputExistsError(path)
@@ -60,6 +67,7 @@ def atomic_dir(dest: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
+        tmp.chmod(_umask_mode(0o777))
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -83,6 +91,7 @@ def atomic_file(dest: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        tmp.chmod(_umask_mode(0o666))
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
