@@ -1,0 +1,63 @@
+"""fp8 (e4m3) projections with per-output-row weight scales and per-token activation scales.
+
+On Hopper (compute capability >= 8.9) the product runs on the fp8 tensor cores through
+``torch._scaled_mm`` with row-wise scales; elsewhere the same quantized operands are multiplied in fp32, so
+the CPU path computes the same function (only the accumulation order differs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def _rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 codes of x [M, K] with one fp32 scale per row (absmax / 448)."""
+    s = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+def quantize_weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [N, K] e4m3, scales [N] fp32) for a Linear weight [N, K]."""
+    codes, s = _rowwise(weight)
+    return codes, s.squeeze(-1)
+
+
+def _scaled_mm_ok(x: torch.Tensor, N: int) -> bool:
+    return (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
+            and x.shape[-1] % 16 == 0 and N % 16 == 0)
+
+
+def fp8_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
+               bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = x W^T (+ bias) with x quantized per token and W per output row, both e4m3."""
+    out_dtype = out_dtype or (x.dtype if x.dtype != torch.float32 else torch.float32)
+    K = x.shape[-1]
+    N = w_codes.shape[0]
+    x2 = x.reshape(-1, K)
+    xq, xs = _rowwise(x2)
+    if _scaled_mm_ok(x, N):
+        y = torch._scaled_mm(xq, w_codes.t(), scale_a=xs, scale_b=w_scales.view(1, N).float(),
+                             out_dtype=torch.bfloat16)
+    else:
+        y = (xq.float() * xs) @ (w_codes.float() * w_scales.view(N, 1)).t()
+    if bias is not None:
+        y = y + bias
+    return y.to(out_dtype).reshape(*x.shape[:-1], N)
+
+
+class Fp8Linear(torch.nn.Module):
+    """Drop-in replacement of an nn.Linear whose weight is stored as e4m3 codes plus row scales."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        codes, scales = quantize_weight_fp8(linear.weight.detach())
+        self.register_buffer("w_codes", codes)
+        self.register_buffer("w_scales", scales)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.w_codes, self.w_scales, self.bias)

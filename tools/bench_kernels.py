@@ -1,0 +1,236 @@
+"""Time gdn2q's decode and prefill kernels against upstream fla 0.6.0 in one process on one GPU.
+
+Decode: one step of one layer (H=16, K=V=128) for B sequences, replayed from a CUDA graph, fla's
+``fused_recurrent_gdn2`` with its fp32 state against gdn2q's ``decode_step`` with the state stored in each
+format. Prefill: ``chunk_gdn2`` (bf16 inputs, fp32 state) against ``chunk_prefill`` leaving an int8 (and
+fp32) final state. Reports medians of triton.testing.do_bench, the state traffic (bytes read + written
+per step over the time) and the device copy bandwidth measured in the same run.
+Writes kernels-<card>.json and .md to --out. Usage: python tools/bench_kernels.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gdn2q.kernels import new_state_pool  # noqa: E402
+from gdn2q.kernels.decode import decode_triton  # noqa: E402
+from gdn2q.kernels.prefill import prefill_triton  # noqa: E402
+from gdn2q.quant.state import StateQuantConfig  # noqa: E402
+
+H, K, V = 16, 128, 128
+DECODE_B = (1, 8, 64, 256, 1024)
+PREFILL_BT = ((1, 2048), (1, 8192), (4, 8192), (1, 32768))
+STATES = {"fp32": StateQuantConfig("fp32"), "bf16": StateQuantConfig("bf16"), "int8": StateQuantConfig("int8"),
+          "fp8": StateQuantConfig("fp8"), "int8-ef": StateQuantConfig("int8", rounding="error-feedback")}
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 2 GiB device-to-device copy, counting bytes read plus bytes written."""
+    x = torch.randn(2 ** 29, device="cuda")
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    return 2 * x.numel() * 4 / ms / 1e6
+
+
+def graph_us(fn) -> float:
+    """Median µs of fn replayed from a CUDA graph (launch gaps removed, as a serving loop would run it)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3
+
+
+def _decode_inputs(B: int):
+    q, k = torch.randn(B, 1, H, K, device="cuda").bfloat16(), torch.randn(B, 1, H, K, device="cuda").bfloat16()
+    v = torch.randn(B, 1, H, V, device="cuda").bfloat16()
+    g = -torch.rand(B, 1, H, K, device="cuda") * 0.1
+    b = torch.rand(B, 1, H, K, device="cuda").bfloat16()
+    w = torch.rand(B, 1, H, V, device="cuda").bfloat16()
+    return q, k, v, g, b, w
+
+
+def _pool(B: int, fmt: StateQuantConfig):
+    """A pool of random stored states (never zeros: they can run faster than real data)."""
+    pool = new_state_pool(B, H, K, V, fmt, "cuda")
+    if fmt.quantized:
+        pool.codes.copy_(torch.randint(-100, 100, pool.codes.shape, device="cuda").to(fmt.torch_dtype))
+        pool.scales.uniform_(0.005, 0.02)
+        if pool.residual is not None:
+            pool.residual.copy_(torch.randint(-100, 100, pool.codes.shape, device="cuda").to(fmt.torch_dtype))
+    else:
+        pool.codes.copy_(torch.randn(B, H, K, V, device="cuda").to(fmt.torch_dtype))
+    return pool
+
+
+def _decode_us(B: int, fmt: StateQuantConfig, flat, num_warps: int | None) -> float:
+    slots = torch.randperm(B, device="cuda").to(torch.int32)
+    return graph_us(partial(decode_triton, *flat, _pool(B, fmt), slots, fmt, num_warps=num_warps))
+
+
+def tune_decode() -> tuple[dict, list[dict]]:
+    """num_warps per (state, few/many sequences), timed at B=1 and B=256."""
+    rows, best = [], {}
+    for B in (1, 256):
+        flat = [t[:, 0] for t in _decode_inputs(B)]
+        for name, fmt in STATES.items():
+            times = {nw: _decode_us(B, fmt, flat, nw) for nw in (4, 8, 16)}
+            best[(name, B >= 64)] = min(times, key=times.get)
+            rows += [{"op": "decode", "B": B, "state": name, "num_warps": nw, "us": t} for nw, t in times.items()]
+            print(json.dumps(rows[-len(times):]), flush=True)
+    return best, rows
+
+
+def _prefill_inputs(B: int, T: int):
+    q, k = torch.randn(B, T, H, K, device="cuda").bfloat16(), torch.randn(B, T, H, K, device="cuda").bfloat16()
+    v = torch.randn(B, T, H, V, device="cuda").bfloat16()
+    g = -torch.rand(B, T, H, K, device="cuda") * 0.1
+    b, w = torch.rand(B, T, H, K, device="cuda").bfloat16(), torch.rand(B, T, H, V, device="cuda").bfloat16()
+    return q, k, v, g, b, w
+
+
+# launch variants that ran on an H200 (Triton 3.6); 8 warps in the sequential kernel faulted there
+PREFILL_VARIANTS = ({"block_v": 16, "intra_warps": 4, "stages": 1}, {"block_v": 32, "intra_warps": 4, "stages": 1},
+                    {"block_v": 16, "intra_warps": 8, "stages": 1}, {"block_v": 16, "intra_warps": 4, "stages": 2})
+
+
+def _prefill_us(inputs, fmt: StateQuantConfig, **variant) -> float:
+    B = inputs[0].shape[0]
+    pool = new_state_pool(B, H, K, V, fmt, "cuda")
+    slots = torch.arange(B, device="cuda", dtype=torch.int32)
+    return do_bench(partial(prefill_triton, *inputs, pool, slots, fmt, initial=False, **variant),
+                    warmup=25, rep=150, return_mode="median") * 1e3
+
+
+def tune_prefill() -> tuple[dict, list[dict]]:
+    """Launch variants of the prefill at 1x8192 (int8 final state); all use tf32x3 products."""
+    inputs = _prefill_inputs(1, 8192)
+    rows = []
+    for var in PREFILL_VARIANTS:
+        try:
+            us = _prefill_us(inputs, STATES["int8"], **var)
+        except Exception as e:  # a variant that does not fit the card (shared memory) is skipped
+            print(f"prefill variant {var} failed: {e!r}"[:300], flush=True)
+            continue
+        rows.append({"op": "prefill", "B": 1, "T": 8192, "state": "int8", **var, "us": us})
+        print(json.dumps(rows[-1]), flush=True)
+    best = min(rows, key=lambda r: r["us"])
+    variant = {k: best[k] for k in ("block_v", "intra_warps", "stages")}
+    us = _prefill_us(inputs, STATES["int8"], dot_precision="tf32", **variant)
+    rows.append({"op": "prefill", "B": 1, "T": 8192, "state": "int8", "dot_precision": "tf32", **variant, "us": us})
+    print(json.dumps(rows[-1]), flush=True)
+    return variant, rows
+
+
+def bench_decode(fla_fn, copy_gbps: float, warps: dict) -> list[dict]:
+    rows = []
+    for B in DECODE_B:
+        q, k, v, g, b, w = _decode_inputs(B)
+        h0 = torch.randn(B, H, K, V, device="cuda")
+        fla_us = graph_us(partial(fla_fn, q, k, v, g, b, w, initial_state=h0, output_final_state=True,
+                                  use_qk_l2norm_in_kernel=True)) if fla_fn else None
+        flat = [t[:, 0] for t in (q, k, v, g, b, w)]
+        for name, fmt in STATES.items():
+            nw = warps.get((name, B >= 64))
+            us = _decode_us(B, fmt, flat, nw)
+            nbytes = 2 * B * H * fmt.bytes_per_head(K, V)
+            rows.append({"op": "decode", "B": B, "T": 1, "state": name, "us": us, "fla_us": fla_us,
+                         "speedup": fla_us / us if fla_us else None, "state_GBps": nbytes / us / 1e3,
+                         "copy_GBps": copy_gbps, "num_warps": nw})
+            print(json.dumps(rows[-1]), flush=True)
+        if fla_fn:
+            rows.append({"op": "decode", "B": B, "T": 1, "state": "fla-fp32", "us": fla_us, "fla_us": fla_us,
+                         "speedup": 1.0, "state_GBps": 2 * B * H * K * V * 4 / fla_us / 1e3,
+                         "copy_GBps": copy_gbps})
+    return rows
+
+
+def bench_prefill(fla_fn, copy_gbps: float, variant: dict) -> list[dict]:
+    rows = []
+    for B, T in PREFILL_BT:
+        inputs = _prefill_inputs(B, T)
+        h0 = torch.randn(B, H, K, V, device="cuda")
+        fla_us = None
+        if fla_fn:
+            fla_us = do_bench(partial(fla_fn, *inputs, initial_state=h0, output_final_state=True,
+                                      use_qk_l2norm_in_kernel=True), warmup=25, rep=200,
+                              return_mode="median") * 1e3
+        for name in ("int8", "fp32"):
+            us = _prefill_us(inputs, STATES[name], **variant)
+            rows.append({"op": "prefill", "B": B, "T": T, "state": name, "us": us, "fla_us": fla_us,
+                         "speedup": fla_us / us if fla_us else None, "state_GBps": None,
+                         "copy_GBps": copy_gbps, "Mtok_s": B * T / us,
+                         "fla_Mtok_s": B * T / fla_us if fla_us else None, **variant})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    def f(x, p=1):
+        return "-" if x is None else f"{x:.{p}f}"
+
+    lines = [f"# gdn2q kernels vs fla {meta['versions'].get('fla')} on {meta['card']}", "",
+             f"torch {meta['versions']['torch']}, triton {meta['versions']['triton']}; device copy bandwidth "
+             f"{meta['copy_GBps']:.0f} GB/s (read+write). H=16, K=V=128, one layer; decode timed as CUDA-graph "
+             "replays, medians of triton.testing.do_bench.", "",
+             "| op | B | T | state | µs | fla µs | speedup | state GB/s | % of copy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pct = None if r["state_GBps"] is None else 100 * r["state_GBps"] / r["copy_GBps"]
+        lines.append(f"| {r['op']} | {r['B']} | {r['T']} | {r['state']} | {f(r['us'])} | {f(r['fla_us'])} | "
+                     f"{f(r['speedup'], 2)} | {f(r['state_GBps'], 0)} | {f(pct, 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="docs/benchmarks")
+    ap.add_argument("--only", choices=("decode", "prefill"), default=None)
+    ap.add_argument("--tune", action="store_true",
+                    help="time launch-parameter variants first and use the fastest in the table")
+    args = ap.parse_args()
+    try:
+        import fla
+        from fla.ops.gdn2 import chunk_gdn2, fused_recurrent_gdn2
+        fla_version = fla.__version__
+    except ImportError:
+        chunk_gdn2 = fused_recurrent_gdn2 = None
+        fla_version = None
+    copy_gbps = copy_bandwidth()
+    print(f"copy {copy_gbps:.0f} GB/s", flush=True)
+    rows, tuning = [], []
+    if args.only in (None, "decode"):
+        warps, t_rows = tune_decode() if args.tune else ({}, [])
+        tuning += t_rows
+        rows += bench_decode(fused_recurrent_gdn2, copy_gbps, warps)
+    if args.only in (None, "prefill"):
+        variant, t_rows = tune_prefill() if args.tune else ({}, [])
+        tuning += t_rows
+        rows += bench_prefill(chunk_gdn2, copy_gbps, variant)
+    card = torch.cuda.get_device_name()
+    meta = {"card": card, "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                                       "fla": fla_version}, "copy_GBps": copy_gbps}
+    slug = card.replace(" ", "-")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, f"kernels-{slug}.json").write_text(json.dumps({**meta, "rows": rows, "tuning": tuning}, indent=1))
+    Path(args.out, f"kernels-{slug}.md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+if __name__ == "__main__":
+    main()

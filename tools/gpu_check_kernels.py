@@ -1,0 +1,167 @@
+"""Full-shape GPU correctness check of gdn2q.kernels against the PyTorch reference (run on the device).
+
+Decode at B=64, H=16, K=V=128 for every state format and the fused-gate entry; prefill at 2x1000 (fp32
+inputs: isolates the kernel's arithmetic) and 1x8192 (bf16 inputs, as deployed). Fresh random inputs,
+poisoned outputs, a permuted slot map with a padding slot. Errors are reported as
+max|diff| / max|ref| (outputs, fp32 states) or in steps of the storage grid (stored states).
+Usage: python tools/gpu_check_kernels.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gdn2q.kernels import chunk_prefill, decode_step, new_state_pool  # noqa: E402
+from gdn2q.kernels.prefill import prefill_triton  # noqa: E402
+from gdn2q.kernels.reference import gates  # noqa: E402
+from gdn2q.quant.state import StateQuantConfig, quantize_state  # noqa: E402
+
+H, K, V = 16, 128, 128
+
+
+def _pools(fmt: StateQuantConfig, P: int, gen: torch.Generator):
+    init = quantize_state(torch.randn(P, H, K, V, device="cuda", generator=gen) * 3,
+                          replace(fmt, scales="dynamic", rounding="nearest"))
+    out = []
+    for _ in range(2):
+        p = new_state_pool(P, H, K, V, fmt, "cuda")
+        p.codes.copy_(init.codes)
+        if p.scales is not None:
+            p.scales.copy_(init.scales)
+        if p.residual is not None:
+            p.residual.copy_(init.codes)                    # any codes will do as a residual
+        out.append(p)
+    return out
+
+
+def state_error(kern, ref, fmt: StateQuantConfig, touched: torch.Tensor) -> float:
+    """Worst disagreement of stored states: in grid steps (int8/fp8/bf16) or relative (fp32)."""
+    dk, dr = kern.dequantize()[touched], ref.dequantize()[touched]
+    d = (dk - dr).abs()
+    if fmt.dtype == "fp32":
+        return (d.max() / dr.abs().max()).item()
+    if fmt.dtype == "bf16":
+        step = (dr.abs() / 128).clamp_min(dr.abs().max() * 2.0 ** -20)
+    elif fmt.dtype == "int8":
+        step = ref.scales[touched].unsqueeze(-1)
+    else:
+        sc = ref.scales[touched].unsqueeze(-1)
+        step = torch.exp2(torch.floor(torch.log2((dr.abs() / sc).clamp_min(2 ** -6))) - 3) * sc
+    return (d / step.clamp_min(1e-30)).max().item()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def check_decode(fmt: StateQuantConfig, B: int = 64, fused: bool = False, seed: int = 0) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    P = B + 8
+    pk, pr = _pools(fmt, P, gen)
+    slots = torch.randperm(P, device="cuda", generator=gen)[:B]
+    slots[B // 2] = -1
+
+    def r(*s):
+        return torch.randn(B, *s, device="cuda", generator=gen)
+
+    q, k, v = r(H, K).bfloat16(), r(H, K).bfloat16(), r(H, V).bfloat16()
+    g, b, w = -torch.rand(B, H, K, device="cuda", generator=gen), r(H, K).sigmoid(), r(H, V).sigmoid()
+    kw = {}
+    if fused:
+        kw = dict(A_log=torch.log(torch.rand(H, device="cuda", generator=gen) * 15 + 1),
+                  dt_bias=torch.rand(H * K, device="cuda", generator=gen) * 4 - 6)
+        g, b, w = r(H, K) * 2, r(H, K) * 2, r(H, V) * 2
+    static = torch.rand(H, K, device="cuda", generator=gen) * 0.05 + 0.02 if fmt.scales == "static" else None
+    out = torch.full((B, H, V), float("nan"), device="cuda", dtype=v.dtype)
+    decode_step(q, k, v, g, b, w, pk, slots, fmt, static_scales=static, out=out, force="triton", **kw)
+    if fused:
+        g, b, w = gates(g, b, w, kw["A_log"], kw["dt_bias"])
+    ref = decode_step(q, k, v, g, b, w, pr, slots, fmt, static_scales=static, force="torch")
+    touched = slots[slots >= 0]
+    o_err = _rel(out, ref)
+    s_err = state_error(pk, pr, fmt, touched)
+    lim = 1e-3 if fmt.dtype == "fp32" else 1.0001
+    untouched = torch.ones(P, dtype=torch.bool, device="cuda")
+    untouched[touched] = False
+    same = torch.equal(pk.codes[untouched].float(), pr.codes[untouched].float())
+    # o is bf16 here: its own rounding (2^-8 relative) bounds the agreement
+    ok = bool(not out.isnan().any() and o_err <= 8e-3 and s_err <= lim and same and (out[B // 2] == 0).all())
+    return {"check": "decode" + ("-fused" if fused else ""), "state": "-".join(fmt.to_dict().values()), "B": B,
+            "o_err": o_err, "state_err": s_err, "ok": ok}
+
+
+def check_prefill(fmt: StateQuantConfig, B: int, T: int, dtype: torch.dtype, dot: str = "tf32x3",
+                  seed: int = 1) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    pk, pr = _pools(fmt, B + 2, gen)
+    slots = torch.arange(B, device="cuda") + 1
+
+    def r(*s):
+        return torch.randn(B, T, *s, device="cuda", generator=gen)
+
+    q, k, v = r(H, K).to(dtype), r(H, K).to(dtype), r(H, V).to(dtype)
+    g = -torch.rand(B, T, H, K, device="cuda", generator=gen) * 0.3
+    g[:, 100:140, :2] = -25.0                                 # strong decay inside some chunks
+    b, w = r(H, K).sigmoid().to(dtype), r(H, V).sigmoid().to(dtype)
+    out = torch.full((B, T, H, V), float("nan"), device="cuda", dtype=dtype)
+    prefill_triton(q, k, v, g, b, w, pk, slots, fmt, out=out, dot_precision=dot)
+    ref = chunk_prefill(q, k, v, g, b, w, pr, slots, fmt, force="torch")
+    o_err = _rel(out, ref)
+    s_err = state_error(pk, pr, fmt, slots)
+    o_lim = 1e-3 if dtype == torch.float32 else 8e-3
+    lim = 1e-3 if fmt.dtype == "fp32" else 1.0001
+    ok = bool(not out.isnan().any() and o_err <= o_lim and s_err <= lim)
+    return {"check": f"prefill-{dot}", "state": "-".join(fmt.to_dict().values()), "B": B, "T": T,
+            "dtype": str(dtype).split(".")[-1], "o_err": o_err, "state_err": s_err, "ok": ok}
+
+
+def _guarded(fn, *args, **kw) -> dict:
+    """Run one check; a crash is a failed row (the other checks still run)."""
+    try:
+        row = fn(*args, **kw)
+    except Exception as e:
+        row = {"check": fn.__name__, "args": repr(args), "error": repr(e)[:300], "ok": False}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def run_all() -> list[dict]:
+    fmts = [StateQuantConfig("fp32"), StateQuantConfig("bf16"), StateQuantConfig("int8"),
+            StateQuantConfig("int8", rounding="error-feedback"), StateQuantConfig("int8", granularity="head"),
+            StateQuantConfig("int8", scales="static"), StateQuantConfig("fp8"),
+            StateQuantConfig("fp8", rounding="error-feedback")]
+    rows = [_guarded(check_decode, f) for f in fmts]
+    rows.append(_guarded(check_decode, StateQuantConfig("int8"), fused=True))
+    for dot in ("tf32x3", "tf32"):
+        rows.append(_guarded(check_prefill, StateQuantConfig("fp32"), 2, 1000, torch.float32, dot))
+    rows.append(_guarded(check_prefill, StateQuantConfig("fp32"), 1, 8192, torch.bfloat16))
+    rows.append(_guarded(check_prefill, StateQuantConfig("int8"), 1, 8192, torch.bfloat16))
+    rows.append(_guarded(check_prefill, StateQuantConfig("fp8", rounding="error-feedback"), 2, 1000,
+                         torch.bfloat16))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="docs/benchmarks")
+    args = ap.parse_args()
+    t0 = time.time()
+    rows = run_all()
+    card = torch.cuda.get_device_name().replace(" ", "-")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, f"kernels-check-{card}.json").write_text(json.dumps(
+        {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+    print(f"{sum(r['ok'] for r in rows)}/{len(rows)} checks ok in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
