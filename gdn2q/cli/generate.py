@@ -37,12 +37,21 @@ def generate(
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
     tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json (default: the one beside the model).")] = None,
     config: ConfigOpt = None,
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="Run a folder written by `gdn2q export-onnx` with "
+                                              "onnxruntime instead (no PyTorch model is loaded).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Generate text with a GDN-2 model: prefill the prompt, then decode one token at a time.
 
     Example: [bold]gdn2q generate --prompt "KING HENRY:" --max-new-tokens 40[/]
+    (onnxruntime: [bold]gdn2q generate --onnx tiny-onnx --prompt "KING HENRY:"[/])
     """
+    if onnx is not None:
+        from gdn2q.cli.export_onnx import generate_onnx
+
+        if model is not None:
+            raise DataError("give either MODEL or --onnx DIR, not both")
+        return generate_onnx(onnx, prompt, max_new_tokens, temperature, top_k, seed, json_out)
     from gdn2q import load_model
 
     lm = load_model(model, dtype=parse_dtype(dtype), device=device, config=config)
