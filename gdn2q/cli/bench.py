@@ -40,7 +40,7 @@ def bench(
     weights are fine for speed. The Triton kernels run on CUDA; elsewhere the PyTorch reference runs, and the
     output says which ("backend").
 
-    Example: [bold]gdn2q bench --batch 64 --state int8 --recipe fp8 --baseline[/]
+    Example: `gdn2q bench --batch 64 --state int8 --recipe fp8 --baseline`
     """
     import torch
 

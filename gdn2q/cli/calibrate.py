@@ -67,7 +67,7 @@ def calibrate(
     The same model and text always give the same file, byte for byte. quantize uses it for SmoothQuant
     (w8a8-int8) and static state scales.
 
-    Example: [bold]gdn2q calibrate ../shared/checkpoints/small --data shakespeare_calib.txt -o calib.safetensors[/]
+    Example: `gdn2q calibrate ../shared/checkpoints/small --data shakespeare_calib.txt -o calib.safetensors`
     """
     from gdn2q import load_model
     from gdn2q.calib import calibrate_text

@@ -74,7 +74,7 @@ def compare(
     lengths: Annotated[str | None, typer.Option(
         "--lengths", help="With --task recall: context lengths, comma-separated (default 1x-8x trained).")] = None,
     sequences: Annotated[int, typer.Option("--sequences", min=1, help="With --task recall: sequences per length.")
-    ] = 64,
+    ] = 32,
     state: CompareStateOpt = None,
     state_rounding: StateRoundingOpt = "nearest",
     state_granularity: StateGranularityOpt = "row",
@@ -85,10 +85,10 @@ def compare(
     """Perplexity of both models, token-level KL(base || candidate) (mean and 99.9th percentile), top-1
     agreement, and the same by position in the window (drift), on windows of --seq-len tokens.
 
-    Example: [bold]gdn2q compare small-int8 --data shakespeare_eval.txt --seq-len 512 --report report[/]
+    Example: `gdn2q compare small-int8 --data shakespeare_eval.txt --seq-len 512 --report report`
 
-    Long context: [bold]gdn2q compare small --stream --state int8 --state-rounding error-feedback --data eval.txt[/]
-    Retrieval: [bold]gdn2q compare --task recall[/] (every state dtype x rounding mode, bundled MQAR model)
+    Long context: `gdn2q compare small --stream --state int8 --state-rounding error-feedback --data eval.txt`
+    Retrieval: `gdn2q compare --task recall` (every state dtype x rounding mode, bundled MQAR model)
     """
     from gdn2q import load_model
     from gdn2q.cli.state_eval import recall_command, stream_compare_command

@@ -29,7 +29,7 @@ def convert(
     lit_gpt checkpoints get output_gate_activation "swish" and norm eps 1e-5 in their config, so the converted
     folder computes exactly what the original does.
 
-    Example: [bold]gdn2q convert final-model-ckpt.pth -o gdn2-fla[/]
+    Example: `gdn2q convert final-model-ckpt.pth -o gdn2-fla`
     """
     ckpt = read_checkpoint(src, config)
     if ckpt.is_quantized:

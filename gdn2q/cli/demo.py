@@ -31,7 +31,7 @@ def demo(
     """Run the main job on the small GDN-2 model bundled with gdn2q: inspect it, generate with it, then
     calibrate -> quantize -> compare on bundled Shakespeare text and print the comparison table.
 
-    Example: [bold]gdn2q demo[/]
+    Example: `gdn2q demo`
     """
     from gdn2q import load_model
 

@@ -43,8 +43,8 @@ def generate(
 ) -> None:
     """Generate text with a GDN-2 model: prefill the prompt, then decode one token at a time.
 
-    Example: [bold]gdn2q generate --prompt "KING HENRY:" --max-new-tokens 40[/]
-    (onnxruntime: [bold]gdn2q generate --onnx tiny-onnx --prompt "KING HENRY:"[/])
+    Example: `gdn2q generate --prompt "KING HENRY:" --max-new-tokens 40`
+    (onnxruntime: `gdn2q generate --onnx tiny-onnx --prompt "KING HENRY:"`)
     """
     if onnx is not None:
         from gdn2q.cli.export_onnx import generate_onnx

@@ -24,7 +24,7 @@ def inspect(model: ModelArg = None, config: ConfigOpt = None, json_out: JsonOpt 
     """Show a checkpoint's format, architecture, parameters and bytes per weight group, and the recurrent
     state's bytes per sequence for each state dtype.
 
-    Example: [bold]gdn2q inspect ../shared/checkpoints/small[/]
+    Example: `gdn2q inspect ../shared/checkpoints/small`
     """
     ckpt = read_checkpoint(model, config)
     if ckpt.is_quantized:

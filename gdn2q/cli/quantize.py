@@ -69,8 +69,7 @@ def quantize(
 
     Always kept in the source precision: A_log, dt_bias, short convs, norms, embeddings, lm_head.
 
-    Example: [bold]gdn2q quantize ../shared/checkpoints/small --recipe w8a8-int8 --calib calib.safetensors
-    -o small-w8a8[/]
+    Example: `gdn2q quantize ../shared/checkpoints/small --recipe w8a8-int8 --calib calib.safetensors -o small-w8a8`
     """
     from gdn2q.calib import load_calibration
     from gdn2q.checkpoint import build_model, read_checkpoint

@@ -63,6 +63,8 @@ class GDN2Mixer(nn.Module):
         if not self.config.use_short_conv:
             return F.silu(x)
         conv = getattr(self, f"{name}_conv1d")
+        if state is not None and state.every_token:
+            return state.conv_tokens(i, x, conv.weight, conv.bias)
         y, window = causal_conv(x, conv.weight, conv.bias, None if state is None else state.conv[i])
         if state is not None:
             state.conv[i] = window
@@ -88,13 +90,16 @@ class GDN2Mixer(nn.Module):
         G = c.value_heads // c.num_heads
         if G > 1:  # grouped value attention: value head j reads q/k head j // G
             q, k, g, b = (t.repeat_interleave(G, dim=-2) for t in (q, k, g, b))
-        mode = self.recurrence
-        if mode == "auto":
-            mode = "serial" if x.shape[1] <= SERIAL_MAX_T else "chunk"
-        op = recurrent_gdn2 if mode == "serial" else chunk_gdn2
-        o, final = op(q, k, v, g, b, w, initial_state=None if state is None else state.load())
-        if state is not None:
-            state.store(final)
+        if state is not None and state.every_token:   # what T one-token decode calls compute
+            o = state.decode_tokens(q, k, v, g, b, w)
+        else:
+            mode = self.recurrence
+            if mode == "auto":
+                mode = "serial" if x.shape[1] <= SERIAL_MAX_T else "chunk"
+            op = recurrent_gdn2 if mode == "serial" else chunk_gdn2
+            o, final = op(q, k, v, g, b, w, initial_state=None if state is None else state.load())
+            if state is not None:
+                state.store(final)
         z = self.g_proj(x).unflatten(-1, (c.value_heads, c.head_v_dim))
         o = gated_rms_norm(o, z, self.o_norm.weight, c.norm_eps, c.output_gate_activation)
         return self.o_proj(o.flatten(-2))

@@ -11,6 +11,11 @@ per-key-row scales and error feedback, so this is written by hand.
   kept beside the codes and added back before the next store, so updates smaller than half a step are not
   lost. The residual lives in the value dtype in units of ``scale * RESIDUAL_UNIT`` (int8: 1/254 of a step,
   so a half-step residual uses the full int8 range; fp8: one step), so error feedback doubles the bytes.
+  ``residual="int4"`` (int8 state only) keeps it in 4 bits instead, two per byte, in units of 1/14 of a step
+  (a half-step residual uses -7..7): error feedback then costs half the codes' bytes, not all of them.
+- conv windows (``conv``): the last ``conv_size`` raw q/k/v projections, stored fp32 | bf16 | int8 | fp8 with one
+  fp32 scale per window column (token), so each column is quantized once, when it enters the window, and the
+  error never compounds (re-quantizing a column with its own absmax scale returns the same codes).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ STATE_DTYPES: dict[str, torch.dtype] = {
 }
 QMAX = {"int8": 127.0, "fp8": 448.0}
 RESIDUAL_UNIT = {"int8": 1.0 / 254.0, "fp8": 1.0}
+RESIDUALS = ("full", "int4")
+INT4_RESIDUAL_UNIT = 1.0 / 14.0
 ROUNDINGS = ("nearest", "stochastic", "error-feedback")
 GRANULARITIES = ("row", "head")
 SCALE_MODES = ("dynamic", "static")
@@ -41,6 +48,8 @@ class StateQuantConfig:
     granularity: str = "row"
     rounding: str = "nearest"
     scales: str = "dynamic"
+    conv: str = "fp32"
+    residual: str = "full"
 
     def __post_init__(self) -> None:
         from gdn2q.errors import ConfigError
@@ -48,9 +57,14 @@ class StateQuantConfig:
         for value, allowed, name in ((self.dtype, tuple(STATE_DTYPES), "state dtype"),
                                      (self.granularity, GRANULARITIES, "state granularity"),
                                      (self.rounding, ROUNDINGS, "state rounding"),
-                                     (self.scales, SCALE_MODES, "state scales")):
+                                     (self.scales, SCALE_MODES, "state scales"),
+                                     (self.conv, tuple(STATE_DTYPES), "conv state dtype"),
+                                     (self.residual, RESIDUALS, "error-feedback residual")):
             if value not in allowed:
                 raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        if self.residual == "int4" and self.dtype != "int8":
+            raise ConfigError(f"a 4-bit error-feedback residual needs an int8 state, not {self.dtype}; "
+                              "use --state int8 or the full residual")
 
     @property
     def quantized(self) -> bool:
@@ -67,12 +81,30 @@ class StateQuantConfig:
         if self.quantized:
             n += 4 * (K if self.granularity == "row" else 1)
             if self.rounding == "error-feedback":
-                n += K * V * elem
+                n += K * V // 2 if self.residual == "int4" else K * V * elem
         return n
+
+    def conv_bytes(self, channels: int, width: int) -> int:
+        """Bytes of one sequence's conv windows over ``channels`` (q + k + v) in this format."""
+        elem = torch.empty(0, dtype=STATE_DTYPES[self.conv]).element_size()
+        return channels * width * elem + (4 * width * 3 if self.conv in QMAX else 0)
+
+    @property
+    def label(self) -> str:
+        """Short name for tables: dtype, then what differs from the defaults."""
+        parts = [self.dtype]
+        if self.quantized:
+            parts.append(self.rounding)
+            parts += [x for x, default in ((self.granularity, "row"), (self.scales, "dynamic")) if x != default]
+            if self.rounding == "error-feedback" and self.residual != "full":
+                parts.append(f"residual-{self.residual}")
+        if self.conv != "fp32":
+            parts.append(f"conv-{self.conv}")
+        return "/".join(parts)
 
     def to_dict(self) -> dict[str, str]:
         return {"dtype": self.dtype, "granularity": self.granularity, "rounding": self.rounding,
-                "scales": self.scales}
+                "scales": self.scales, "conv": self.conv, "residual": self.residual}
 
 
 @dataclass
@@ -91,6 +123,8 @@ class QuantizedState:
     def residual_value(self, fmt: StateQuantConfig) -> torch.Tensor | None:
         if self.residual is None:
             return None
+        if fmt.residual == "int4":
+            return unpack_int4(self.residual).float() * (self.scales.unsqueeze(-1) * INT4_RESIDUAL_UNIT)
         return self.residual.float() * (self.scales.unsqueeze(-1) * RESIDUAL_UNIT[fmt.dtype])
 
     def index_select(self, idx: torch.Tensor) -> QuantizedState:
@@ -101,6 +135,19 @@ class QuantizedState:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.residual) if t is not None)
+
+
+def pack_int4(r: torch.Tensor) -> torch.Tensor:
+    """Values in -7..7 along an even last axis -> uint8, two per byte (low nibble first). torch has no int4
+    storage dtype on CPU, so the nibbles are packed by hand."""
+    u = (r.to(torch.int16) + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4` (int8 values in -7..7)."""
+    lo, hi = (p & 15).to(torch.int8) - 8, (p >> 4).to(torch.int8) - 8
+    return torch.stack([lo, hi], dim=-1).flatten(-2)
 
 
 def _fp8_ulp(y: torch.Tensor) -> torch.Tensor:
@@ -158,10 +205,40 @@ def quantize_state(
     codes = _round(y, fmt, generator)
     residual = None
     if fmt.rounding == "error-feedback":
-        err = (y - codes.float()) / RESIDUAL_UNIT[fmt.dtype]          # in residual units
-        residual = _round(err, StateQuantConfig(fmt.dtype), None)
+        if fmt.residual == "int4":
+            residual = pack_int4(torch.round((y - codes.float()) / INT4_RESIDUAL_UNIT).clamp(-7, 7))
+        else:
+            err = (y - codes.float()) / RESIDUAL_UNIT[fmt.dtype]          # in residual units
+            residual = _round(err, StateQuantConfig(fmt.dtype), None)
     return QuantizedState(codes, scales, residual)
 
 
 def dequantize_state(qs: QuantizedState) -> torch.Tensor:
     return qs.dequantize()
+
+
+@dataclass
+class QuantizedWindow:
+    """A stored conv window: codes [B, C, W] and, for int8/fp8, fp32 scales [B, 1, W] (one per column)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.float() if self.scales is None else self.codes.float() * self.scales
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales) if t is not None)
+
+
+def quantize_window(window: torch.Tensor, dtype: str) -> QuantizedWindow:
+    """Store a conv window [B, C, W] in ``dtype`` (fp32 keeps the tensor as it is, in its own dtype)."""
+    if dtype == "fp32":
+        return QuantizedWindow(window)
+    if dtype not in QMAX:
+        return QuantizedWindow(window.to(STATE_DTYPES[dtype]))
+    x = window.float()
+    scales = x.abs().amax(dim=1, keepdim=True).clamp_min(TINY) / QMAX[dtype]
+    codes = _round(x / scales, StateQuantConfig(dtype), None)
+    return QuantizedWindow(codes, scales)
