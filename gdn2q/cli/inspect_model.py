@@ -68,3 +68,11 @@ def render(info: dict) -> None:
     for dtype, r in info["state_bytes_per_sequence"]["recurrent"].items():
         st.add_row(dtype, _human(r["per_layer"]), _human(r["total"]), f"{r['ratio_to_fp32']:.3f}")
     console.print(st)
+    q = info.get("quantization")
+    if q:
+        from gdn2q.quant.state import StateQuantConfig
+
+        fmt = StateQuantConfig(**q.get("state", {}))
+        K, V, HV = c["head_dim"], int(c["head_dim"] * c["expand_v"]), c.get("num_v_heads") or c["num_heads"]
+        console.print(f"quantized with {q['recipe']}; recurrent state stored as {fmt.label}: "
+                      f"{_human(HV * fmt.bytes_per_head(K, V))} per GDN-2 layer per sequence")

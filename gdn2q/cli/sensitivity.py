@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +13,7 @@ from gdn2q.cli.calibrate import DataOpt, DeviceOpt, bundled_text, work_progress
 from gdn2q.cli.options import ConfigOpt, JsonOpt, ModelArg
 from gdn2q.cli.state_options import StateOpt, StateRoundingOpt, state_format
 from gdn2q.errors import ConfigError
+from gdn2q.quant.state import StateQuantConfig
 
 
 @app.command()
@@ -78,7 +78,7 @@ def sensitivity(
     if "auto" in result:
         a = result["auto"]
         console.print(f"auto policy (budget {max_ppl_increase}%): quantize {', '.join(a['quantized_groups']) or '-'};"
-                      f" keep {', '.join(a['kept_groups'])}; state {json.dumps(a['state'])}")
+                      f" keep {', '.join(a['kept_groups'])}; state {StateQuantConfig(**a['state']).label}")
         console.print(f"measured: ppl change {100 * a['result']['ppl_increase']:+.3f}%, "
                       f"KL {a['result']['kl_mean']:.6f}")
         console.print(f"apply it: [bold]gdn2q quantize MODEL {a['quantize_options']}[/]")
