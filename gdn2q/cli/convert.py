@@ -31,10 +31,12 @@ def convert(
 
     Example: `gdn2q convert final-model-ckpt.pth -o gdn2-fla`
     """
-    ckpt = read_checkpoint(src, config)
-    if ckpt.is_quantized:
-        raise UnsupportedError(f"{src}: already a gdn2q quantized folder; convert the source checkpoint instead")
-    save_fla_folder(ckpt, output, force=force, dtype=parse_dtype(dtype) if dtype else None)
+    with console.status(f"reading {src}") as status:
+        ckpt = read_checkpoint(src, config)
+        if ckpt.is_quantized:
+            raise UnsupportedError(f"{src}: already a gdn2q quantized folder; convert the source checkpoint instead")
+        status.update(f"writing {output}")
+        save_fla_folder(ckpt, output, force=force, dtype=parse_dtype(dtype) if dtype else None)
     result = {"source": str(src), "source_format": ckpt.format, "output": str(output),
               "tensors": len(ckpt.tensors)}
     if json_out:
