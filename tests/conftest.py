@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run under Triton's CPU interpreter, for the whole session (it is read when
+# the kernels are compiled, so it must be set before any test imports gdn2q.kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GDN2Q_SHARED", REPO.parent / "shared"))
 FIXTURES = ("tiny", "tiny-hybrid", "small")

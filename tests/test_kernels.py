@@ -9,7 +9,6 @@ through tools/gpu_check_kernels.py.
 from __future__ import annotations
 
 import importlib.util
-import os
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -17,10 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from gdn2q.kernels import (  # noqa: E402
+from gdn2q.kernels import (
     Fp8Linear,
     backend,
     chunk_prefill,
