@@ -163,26 +163,6 @@ def stream_table(runs: dict[str, dict]) -> list[str]:
                       "KL mean", "KL p99.9", "top-1 agree"), rows)]
 
 
-def drift_plot(runs: dict[str, dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_kl, ax_top) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in runs.items():
-        mids = [(b["start"] + b["end"]) / 2 for b in r["by_position"]]
-        ax_kl.plot(mids, [b["kl_mean"] for b in r["by_position"]], marker=".", label=name)
-        ax_top.plot(mids, [100 * b["top1_agreement"] for b in r["by_position"]], marker=".", label=name)
-    ax_kl.set(xlabel="position in the stream (tokens)", ylabel="KL(fp32 state || run), bucket mean", yscale="log",
-              title=title)
-    ax_top.set(xlabel="position in the stream (tokens)", ylabel="top-1 agreement with fp32 state (%)")
-    ax_kl.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 def bytes_table() -> list[str]:
     from gdn2q import GDN2Config
     from gdn2q.eval.report import markdown
@@ -243,8 +223,11 @@ def render_main(a: argparse.Namespace) -> None:
                 f"{next(iter(long['runs'].values()))['base']['ppl']:.3f}). Every run stores its state in its format "
                 "between every two tokens.\n", *stream_table(long["runs"]), "\n", *checks, "",
                 "![drift over 64k tokens](state_drift_small.png)\n"]
-        drift_plot(long["runs"], REPO / "docs" / "state_drift_small.png",
-                   f"{Path(long['model']).name}: drift over {long['tokens']:,} tokens")
+        from gdn2q.eval.report import plot_drift
+
+        plot_drift(long["runs"], REPO / "docs" / "state_drift_small.png", where="position in the stream (tokens)",
+                   reference="fp32 state", title=f"{Path(long['model']).name}: drift over {long['tokens']:,} tokens",
+                   log_kl=True, figsize=(11, 4), marker=".", dpi=90)
         out.append("KL by position (bucket means):\n")
         names = list(long["runs"])
         first = long["runs"][names[0]]["by_position"]

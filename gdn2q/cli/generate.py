@@ -14,6 +14,7 @@ from gdn2q.cli.app import app, console, guarded, print_json
 from gdn2q.cli.options import ConfigOpt, JsonOpt, ModelArg
 from gdn2q.data import load_tokenizer
 from gdn2q.errors import DataError
+from gdn2q.model.lm import sample_next
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -70,10 +71,10 @@ def generate(
         logits = lm(torch.tensor([ids], device=device), state)[:, -1]
         t_prefill = time.perf_counter() - t0
         for _ in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, gen)
+            nxt = sample_next(logits, temperature, top_k, gen)
             out.append(int(nxt))
             bar.advance(task)
-            logits = lm(nxt.view(1, 1), state)[:, -1]
+            logits = lm(nxt, state)[:, -1]
     dt = time.perf_counter() - t0 - t_prefill
     text = tok.decode(out)
     result = {"prompt": prompt, "completion": text, "prompt_tokens": len(ids), "new_tokens": len(out),
@@ -85,12 +86,3 @@ def generate(
     console.print(f"[dim]{len(ids)} prompt tokens, {len(out)} new tokens, "
                   f"{result['decode_tokens_per_s']:.1f} tokens/s decode ({device}, {dtype})[/]")
 
-
-def sample(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)[0]
-    scaled = logits.float()[0] / temperature
-    if top_k:
-        kth = scaled.topk(min(top_k, scaled.numel())).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    return torch.multinomial(scaled.softmax(-1), 1, generator=gen)[0]

@@ -40,23 +40,26 @@ def report_markdown(results: dict[str, dict], title: str = "Comparison") -> str:
     return "\n".join(parts)
 
 
-def plot_drift(results: dict[str, dict], path: Path) -> None:
-    """KL mean and top-1 agreement per position bucket, one line per candidate."""
+def plot_drift(results: dict[str, dict], path: Path, *, where: str = "position in window",
+               reference: str = "base", title: str = "KL by position", log_kl: bool = False,
+               figsize: tuple[float, float] = (10, 4), marker: str = "o", dpi: int = 100) -> None:
+    """KL mean and top-1 agreement per position bucket (``by_position``), one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_kl, ax_top) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_kl, ax_top) = plt.subplots(1, 2, figsize=figsize)
     for name, r in results.items():
         mids = [(b["start"] + b["end"]) / 2 for b in r["by_position"]]
-        ax_kl.plot(mids, [b["kl_mean"] for b in r["by_position"]], marker="o", label=name)
-        ax_top.plot(mids, [100 * b["top1_agreement"] for b in r["by_position"]], marker="o", label=name)
-    ax_kl.set(xlabel="position in window", ylabel="KL(base || candidate), mean", title="KL by position")
-    ax_top.set(xlabel="position in window", ylabel="top-1 agreement (%)", title="top-1 agreement by position")
+        ax_kl.plot(mids, [b["kl_mean"] for b in r["by_position"]], marker=marker, label=name)
+        ax_top.plot(mids, [100 * b["top1_agreement"] for b in r["by_position"]], marker=marker, label=name)
+    ax_kl.set(xlabel=where, ylabel=f"KL({reference} || candidate), mean", title=title,
+              yscale="log" if log_kl else "linear")
+    ax_top.set(xlabel=where, ylabel=f"top-1 agreement with {reference} (%)", title="top-1 agreement by position")
     ax_kl.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 

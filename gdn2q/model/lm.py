@@ -106,16 +106,22 @@ class GDN2ForCausalLM(nn.Module):
         logits = self(input_ids, state)[:, -1]
         out = []
         for _ in range(max_new_tokens):
-            if temperature <= 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                scaled = logits.float() / temperature
-                if top_k:
-                    kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
-                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-                nxt = torch.multinomial(scaled.softmax(-1), 1, generator=generator)
+            nxt = sample_next(logits, temperature, top_k, generator)
             out.append(nxt)
             if eos_token_id is not None and bool((nxt == eos_token_id).all()):
                 break
             logits = self(nxt, state)[:, -1]
         return torch.cat(out, dim=1) if out else input_ids[:, :0]
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row of ``logits`` [B, vocab] -> [B, 1]: argmax at temperature 0, else a softmax sample
+    of logits / temperature, restricted to the ``top_k`` likeliest when given."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    scaled = logits.float() / temperature
+    if top_k:
+        kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    return torch.multinomial(scaled.softmax(-1), 1, generator=generator)
