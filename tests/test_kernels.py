@@ -110,6 +110,25 @@ def test_decode_step_matches_reference(fmt: StateQuantConfig):
     _assert_states_close(pk, pr, fmt, SLOTS)
 
 
+@pytest.mark.parametrize("fmt,block_v", [(StateQuantConfig("fp32"), 16), (StateQuantConfig("int8"), None),
+                                         (StateQuantConfig("fp8", rounding="error-feedback"), None)],
+                         ids=["fp32-split-v", "int8", "fp8-ef"])
+def test_decode_persistent_grid_walks_every_tile(fmt: StateQuantConfig, block_v: int | None):
+    """One program per multiprocessor (4 under the interpreter) for 6 or 12 tiles: each program prefetches
+    and updates several tiles in turn, padding included."""
+    from gdn2q.kernels.decode import decode_triton
+
+    gen = torch.Generator().manual_seed(11)
+    pk, pr = _fill_pool(fmt, gen)
+    slots = torch.tensor(SLOTS, device=DEV)
+    inputs = _step_inputs(gen)
+    out = torch.full((B, HV, V), float("nan"), device=DEV)
+    decode_triton(*inputs, pk, slots, fmt, out=out, block_v=block_v, programs_per_sm=1)
+    ref = decode_step(*inputs, pr, slots, fmt, force="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    _assert_states_close(pk, pr, fmt, SLOTS)
+
+
 @pytest.mark.parametrize("neg", [False, True])
 def test_decode_fused_gates(neg: bool):
     fmt = StateQuantConfig("int8")

@@ -1,14 +1,19 @@
 """End-to-end decode and prefill throughput of a GDN-2 LM on the kernel path (what ``gdn2q bench`` runs).
 
-The model's own modules (norms, projections, MLP) are reused; the recurrence runs through
-:func:`gdn2q.kernels.decode_step` (gates fused in the kernel, state pool updated in place) and
-:func:`gdn2q.kernels.chunk_prefill`. On CUDA the whole decode step of all layers is captured in one CUDA
-graph, as a serving loop would replay it. Models with attention layers are not supported on this path.
+:class:`KernelLM` runs the model's weights as a serving engine would: the projections that read the same
+input are concatenated into one weight per layer (q|k|v|b|w plus the first low-rank layers of f_proj and
+g_proj; MLP gate|up), so each is one GEMM, or one fp8 ``_scaled_mm`` whose activation codes come straight out
+of the preceding norm kernel. The recurrence runs through :func:`gdn2q.kernels.decode_step` (gates fused in
+the kernel, state pool updated in place) and :func:`gdn2q.kernels.chunk_prefill`; the glue around it is the
+one-launch kernels of :mod:`gdn2q.kernels.glue`. Both recipes share all of it, so bf16 weights + fp32 state is
+a fair baseline. On CUDA the whole decode step of all layers is captured in one CUDA graph, as a serving loop
+would replay it. Models with attention layers are not supported on this path.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,97 +21,159 @@ from torch import nn
 
 from gdn2q.config import GDN2Config
 from gdn2q.kernels import backend, chunk_prefill, decode_step, new_state_pool
-from gdn2q.kernels.fp8_linear import Fp8Linear
+from gdn2q.kernels.fp8_linear import Fp8Rows, fp8_matmul, quantize_weight_fp8
+from gdn2q.kernels.glue import add_rms_norm, decode_inputs, gated_rms_norm_rows, swiglu
+from gdn2q.kernels.reference import gates
 from gdn2q.model.gdn2 import GDN2Mixer, causal_conv
 from gdn2q.model.lm import GDN2ForCausalLM
-from gdn2q.model.norms import gated_rms_norm
 from gdn2q.quant.state import StateQuantConfig
 
 # the 1.3B GDN-2 shape (GDN2_SPEC.md 4.1, gdn2_1.3B: 18 layers, d 2304, MLP 6208, vocab 32000)
 CONFIG_1B3 = GDN2Config(hidden_size=2304, num_hidden_layers=18, num_heads=16, head_dim=128,
                         intermediate_size=6208, vocab_size=32000)
-FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "b_proj", "w_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _to_fp8(model: nn.Module) -> None:
-    """Swap the large projections for fp8 ones; the low-rank gate bottlenecks and lm_head stay bf16."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if name in FP8_LINEARS and isinstance(child, nn.Linear):
-                setattr(module, name, Fp8Linear(child))
+class FusedLinear:
+    """Bias-free projections of one input as one weight [sum N, K]: a GEMM, or an fp8 product of e4m3 rows.
+
+    fp8 weights keep one scale per output row, so quantizing the concatenation is quantizing each part.
+    """
+
+    def __init__(self, linears: list[nn.Linear], fp8: bool):
+        w = torch.cat([lin.weight.detach() for lin in linears])
+        self.fp8, self.dtype = fp8, w.dtype
+        self.weight, self.scales = quantize_weight_fp8(w) if fp8 else (w, None)
+
+    def __call__(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        if self.fp8:
+            return fp8_matmul(*x, self.weight, self.scales, self.dtype)
+        return F.linear(x, self.weight)
+
+
+@dataclass
+class _Layer:
+    """One block's weights as the fused path reads them."""
+
+    attn_norm: torch.Tensor
+    in_proj: FusedLinear           # -> q | k | v | b | w | f_proj[0] | g_proj[0]
+    low_rank: torch.Tensor         # block-diagonal [f_proj[1]; g_proj[1]]: [fr | gr] -> f | z (bias in the norm)
+    z_bias: torch.Tensor | None
+    taps: torch.Tensor             # q|k|v depthwise conv taps [2kd + vd, W]
+    conv_bias: torch.Tensor | None
+    A_log: torch.Tensor
+    dt_bias: torch.Tensor
+    o_norm: torch.Tensor
+    o_proj: FusedLinear
+    mlp_norm: torch.Tensor
+    gate_up: FusedLinear
+    down: FusedLinear
+
+
+def _fuse(block: nn.Module, c: GDN2Config, fp8: bool) -> _Layer:
+    m: GDN2Mixer = block.attn
+    if c.use_short_conv:
+        taps = torch.cat([conv.weight[:, 0] for conv in (m.q_conv1d, m.k_conv1d, m.v_conv1d)])
+        conv_bias = torch.cat([m.q_conv1d.bias, m.k_conv1d.bias, m.v_conv1d.bias]) if c.conv_bias else None
+    else:  # no short conv: a conv whose only tap is the newest input is the bare SiLU
+        taps = torch.zeros(2 * c.key_dim + c.value_dim, c.conv_size, dtype=m.q_proj.weight.dtype,
+                           device=m.q_proj.weight.device)
+        taps[:, -1] = 1.0
+        conv_bias = None
+    f1, g1 = m.f_proj[1], m.g_proj[1]
+    return _Layer(
+        attn_norm=block.attn_norm.weight.detach(),
+        in_proj=FusedLinear([m.q_proj, m.k_proj, m.v_proj, m.b_proj, m.w_proj, m.f_proj[0], m.g_proj[0]], fp8),
+        low_rank=torch.block_diag(f1.weight.detach(), g1.weight.detach()),
+        z_bias=None if g1.bias is None else g1.bias.detach(),
+        taps=taps.detach().contiguous(), conv_bias=None if conv_bias is None else conv_bias.detach(),
+        A_log=m.A_log.detach(), dt_bias=m.dt_bias.detach(), o_norm=m.o_norm.weight.detach(),
+        o_proj=FusedLinear([m.o_proj], fp8), mlp_norm=block.mlp_norm.weight.detach(),
+        gate_up=FusedLinear([block.mlp.gate_proj, block.mlp.up_proj], fp8),
+        down=FusedLinear([block.mlp.down_proj], fp8))
 
 
 class KernelLM:
-    """Runs a pure GDN-2 :class:`GDN2ForCausalLM` on the kernel path with a state pool of ``batch`` slots."""
+    """Runs a pure GDN-2 :class:`GDN2ForCausalLM` on the kernel path with a state pool of ``batch`` slots.
 
-    def __init__(self, model: GDN2ForCausalLM, batch: int, fmt: StateQuantConfig):
+    recipe "fp8": every projection that reads the hidden state or feeds the residual (the fused in-projection
+    including the low-rank f/g first layers, o_proj, gate|up, down) as e4m3 with row scales and per-token
+    activation scales; the low-rank second layers and lm_head stay in the model dtype.
+    """
+
+    def __init__(self, model: GDN2ForCausalLM, batch: int, fmt: StateQuantConfig, recipe: str = "bf16"):
         c = model.config
         if c.attn is not None:
             raise NotImplementedError("the kernel decode path covers pure GDN-2 models (no attention layers)")
-        self.model, self.c, self.fmt, self.batch = model, c, fmt, batch
+        if recipe not in ("bf16", "fp8"):
+            raise ValueError("recipe must be 'bf16' or 'fp8'")
+        self.model, self.c, self.fmt, self.batch, self.fp8 = model, c, fmt, batch, recipe == "fp8"
         dev = model.device
+        self.layers = [_fuse(block, c, self.fp8) for block in model.model.layers]
         self.pools = [new_state_pool(batch, c.value_heads, c.head_dim, c.head_v_dim, fmt, dev)
                       for _ in range(c.num_hidden_layers)]
         self.slots = torch.arange(batch, device=dev, dtype=torch.int32)
-        W = c.conv_size
-        self.windows = [[torch.zeros(batch, n, W, dtype=model.dtype, device=dev)
-                         for n in (c.key_dim, c.key_dim, c.value_dim)] for _ in range(c.num_hidden_layers)]
+        self.windows = [torch.zeros(batch, 2 * c.key_dim + c.value_dim, c.conv_size, dtype=model.dtype, device=dev)
+                        for _ in range(c.num_hidden_layers)]
 
-    def _mixer_decode(self, m: GDN2Mixer, x: torch.Tensor, i: int) -> torch.Tensor:
-        c = self.c
-        raw = (m.q_proj(x), m.k_proj(x), m.v_proj(x))
-        qkv = []
-        for j, (r, conv) in enumerate(zip(raw, (m.q_conv1d, m.k_conv1d, m.v_conv1d), strict=True)):
-            win = self.windows[i][j]
-            win.copy_(torch.cat([win[..., 1:], r.unsqueeze(-1)], dim=-1))
-            y = (win.float() * conv.weight[:, 0].float()).sum(-1)
-            if conv.bias is not None:
-                y = y + conv.bias.float()
-            qkv.append(F.silu(y).to(x.dtype))
-        B = x.shape[0]
-        q, k = (t.view(B, c.num_heads, c.head_dim) for t in qkv[:2])
-        v = qkv[2].view(B, c.value_heads, c.head_v_dim)
-        f = m.f_proj(x).float().view(B, c.num_heads, c.head_dim)
-        b = m.b_proj(x).view(B, c.num_heads, c.head_dim)
-        w = m.w_proj(x).view(B, c.value_heads, c.head_v_dim)
-        o = decode_step(q, k, v, f, b, w, self.pools[i], self.slots, self.fmt, A_log=m.A_log, dt_bias=m.dt_bias,
-                        allow_neg_eigval=c.allow_neg_eigval)
-        z = m.g_proj(x).view(B, c.value_heads, c.head_v_dim)
-        o = gated_rms_norm(o, z, m.o_norm.weight, c.norm_eps, c.output_gate_activation)
-        return m.o_proj(o.flatten(-2))
+    def _block(self, i: int, x: torch.Tensor, delta: torch.Tensor | None, mixer) -> torch.Tensor:
+        """Block i on residual rows x [M, d] (``x += delta`` first, in place); returns its MLP output, which the
+        next norm adds. ``mixer(i, L, y1, y2)`` runs the recurrence on the fused projections -> o [M, HV, V]."""
+        c, fp8, L = self.c, self.fp8, self.layers[i]
+        y1 = L.in_proj(add_rms_norm(x, delta, L.attn_norm, c.norm_eps, fp8))
+        r0 = 3 * c.key_dim + 2 * c.value_dim
+        y2 = F.linear(y1[:, r0:r0 + 2 * c.head_v_dim], L.low_rank)
+        o = mixer(i, L, y1, y2)
+        z = y2[:, c.key_dim:]
+        delta = L.o_proj(gated_rms_norm_rows(o, z, L.z_bias, L.o_norm, c.norm_eps, c.output_gate_activation, fp8))
+        return L.down(swiglu(L.gate_up(add_rms_norm(x, delta, L.mlp_norm, c.norm_eps, fp8)), fp8))
+
+    def _logits(self, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        return self.model.lm_head(add_rms_norm(x, delta, self.model.model.norm.weight, self.c.norm_eps))
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """One token per sequence: ids [B] -> logits [B, vocab]."""
-        mdl = self.model.model
-        x = mdl.embeddings(ids)
-        for i, block in enumerate(mdl.layers):
-            x = x + self._mixer_decode(block.attn, block.attn_norm(x), i)
-            x = x + block.mlp(block.mlp_norm(x))
-        return self.model.lm_head(mdl.norm(x))
+        c = self.c
+        B = ids.shape[0]
+
+        def mixer(i: int, L: _Layer, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+            q, k, v, f, b, w = decode_inputs(y1, y2, self.windows[i], L.taps, L.conv_bias, c.key_dim, c.value_dim)
+            qk = (B, c.num_heads, c.head_dim)
+            vw = (B, c.value_heads, c.head_v_dim)
+            return decode_step(q.view(qk), k.view(qk), v.view(vw), f.view(qk), b.view(qk), w.view(vw), self.pools[i],
+                               self.slots, self.fmt, A_log=L.A_log, dt_bias=L.dt_bias,
+                               allow_neg_eigval=c.allow_neg_eigval)
+
+        x, delta = self.model.model.embeddings(ids), None
+        for i in range(len(self.layers)):
+            delta = self._block(i, x, delta, mixer)
+        return self._logits(x, delta)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T] from empty states: fills the pools and conv windows, returns last-token logits."""
-        c, mdl = self.c, self.model.model
-        x = mdl.embeddings(ids)
+        c = self.c
         B, T = ids.shape
-        for i, block in enumerate(mdl.layers):
-            m, h = block.attn, block.attn_norm(x)
-            outs = []
-            for j, (proj, conv) in enumerate(((m.q_proj, m.q_conv1d), (m.k_proj, m.k_conv1d),
-                                              (m.v_proj, m.v_conv1d))):
-                y, win = causal_conv(proj(h), conv.weight, conv.bias, None)
-                self.windows[i][j].copy_(win)
-                outs.append(y)
-            q, k = (t.unflatten(-1, (c.num_heads, c.head_dim)) for t in outs[:2])
-            v = outs[2].unflatten(-1, (c.value_heads, c.head_v_dim))
-            g, b, w = m.gates(h)
-            o = chunk_prefill(q, k, v, g, b, w, self.pools[i], self.slots, self.fmt, initial=False)
-            z = m.g_proj(h).unflatten(-1, (c.value_heads, c.head_v_dim))
-            x = x + m.o_proj(gated_rms_norm(o, z, m.o_norm.weight, c.norm_eps, c.output_gate_activation).flatten(-2))
-            x = x + block.mlp(block.mlp_norm(x))
-        return self.model.lm_head(mdl.norm(x[:, -1]))
+        kd, vd = c.key_dim, c.value_dim
+
+        def mixer(i: int, L: _Layer, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+            qkv, win = causal_conv(y1[:, :2 * kd + vd].view(B, T, -1), L.taps[:, None], L.conv_bias, None)
+            self.windows[i].copy_(win)
+            q, k, v = qkv.split([kd, kd, vd], dim=-1)
+            b, w = y1[:, 2 * kd + vd:3 * kd + 2 * vd].view(B, T, -1).split([kd, vd], dim=-1)
+            qk = (B, T, c.num_heads, c.head_dim)
+            vw = (B, T, c.value_heads, c.head_v_dim)
+            g, b, w = gates(y2[:, :kd].reshape(qk), b.reshape(qk), w.reshape(vw), L.A_log, L.dt_bias,
+                            c.allow_neg_eigval)
+            o = chunk_prefill(q.reshape(qk), k.reshape(qk), v.reshape(vw), g, b, w, self.pools[i], self.slots,
+                              self.fmt, initial=False)
+            return o.flatten(0, 1)
+
+        x, delta = self.model.model.embeddings(ids).flatten(0, 1), None
+        for i in range(len(self.layers)):
+            delta = self._block(i, x, delta, mixer)
+        x.add_(delta)
+        return self._logits(x.view(B, T, -1)[:, -1].contiguous(), None)
 
 
 def _timed(fn, reps: int) -> float:
@@ -144,9 +211,7 @@ def bench_model(model_or_config: GDN2ForCausalLM | GDN2Config | None = None, bat
                 nn.init.uniform_(mod.A_log, 0.0, 2.7)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = model.to(device).to_dtype(dtype).eval()
-    if recipe == "fp8":
-        _to_fp8(model)
-    lm = KernelLM(model, batch, fmt)
+    lm = KernelLM(model, batch, fmt, recipe)
     c = model.config
     ids = torch.randint(0, c.vocab_size, (batch, prompt_len), device=device)
     prefill_s = _timed(lambda: lm.prefill(ids), reps=2)

@@ -2,7 +2,8 @@
 
 On Hopper (compute capability >= 8.9) the product runs on the fp8 tensor cores through
 ``torch._scaled_mm`` with row-wise scales; elsewhere the same quantized operands are multiplied in fp32, so
-the CPU path computes the same function (only the accumulation order differs).
+the CPU path computes the same function (only the accumulation order differs). The per-token activation
+quantization is one Triton launch (:func:`gdn2q.kernels.glue.quantize_rows_fp8`) where Triton runs.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
+Fp8Rows = tuple[torch.Tensor, torch.Tensor]  # (e4m3 codes [M, N], fp32 scales [M, 1])
 
 
-def _rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_reference(x: torch.Tensor) -> Fp8Rows:
     """e4m3 codes of x [M, K] with one fp32 scale per row (absmax / 448)."""
     s = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
     return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
@@ -21,7 +23,7 @@ def _rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [N, K] e4m3, scales [N] fp32) for a Linear weight [N, K]."""
-    codes, s = _rowwise(weight)
+    codes, s = quantize_rows_reference(weight)
     return codes, s.squeeze(-1)
 
 
@@ -30,22 +32,30 @@ def _scaled_mm_ok(x: torch.Tensor, N: int) -> bool:
             and x.shape[-1] % 16 == 0 and N % 16 == 0)
 
 
-def fp8_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
-               bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """y = x W^T (+ bias) with x quantized per token and W per output row, both e4m3."""
-    out_dtype = out_dtype or (x.dtype if x.dtype != torch.float32 else torch.float32)
-    K = x.shape[-1]
+def fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """(xq * xs) (w_codes * w_scales)^T for rows already quantized: xq [M, K] e4m3, xs [M, 1] fp32."""
     N = w_codes.shape[0]
-    x2 = x.reshape(-1, K)
-    xq, xs = _rowwise(x2)
-    if _scaled_mm_ok(x, N):
+    if _scaled_mm_ok(xq, N):
         y = torch._scaled_mm(xq, w_codes.t(), scale_a=xs, scale_b=w_scales.view(1, N).float(),
                              out_dtype=torch.bfloat16)
     else:
         y = (xq.float() * xs) @ (w_codes.float() * w_scales.view(N, 1)).t()
+    return y.to(out_dtype)
+
+
+def fp8_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
+               bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = x W^T (+ bias) with x quantized per token and W per output row, both e4m3."""
+    from gdn2q.kernels.glue import quantize_rows_fp8  # imports Triton, which gdn2q.kernels itself does not
+
+    K = x.shape[-1]
+    N = w_codes.shape[0]
+    xq, xs = quantize_rows_fp8(x.reshape(-1, K))
+    y = fp8_matmul(xq, xs, w_codes, w_scales, out_dtype or x.dtype)
     if bias is not None:
         y = y + bias
-    return y.to(out_dtype).reshape(*x.shape[:-1], N)
+    return y.reshape(*x.shape[:-1], N)
 
 
 class Fp8Linear(torch.nn.Module):

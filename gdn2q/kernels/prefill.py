@@ -1,16 +1,23 @@
 """Chunked (WY form, chunk 64) Triton prefill that starts from a stored state and leaves S_T stored.
 
-Three launches (GDN2_SPEC.md 2):
-1. ``_intra_kernel``, one program per (chunk, sequence x head), all chunks in parallel: decayed score
+Five launches (GDN2_SPEC.md 2), shaped like fla's chunk_gdn2 so that only the state recurrence is sequential:
+1. ``_score_kernel``, one program per (chunk, sequence x q/k head), all chunks in parallel: decayed score
    matrices Aqk and T in 16x16 blocks (diagonal blocks with exact pairwise exponents, off-diagonal blocks as
-   dot products of factors decayed to the end of the earlier block, so no exponential exceeds 1), the
-   inverse A = (I + T)^-1 by substitution on the diagonal blocks and block merging, then Y = A E, U = A Z,
-   and the chunk's decayed queries (gamma q), tail keys (gamma_C / gamma k) and total decay gamma_C.
-2. ``_state_kernel``, one program per (V block, sequence x head), sequential over chunks, only matrix
-   products on its critical path: R = U - Y S, O = (gamma q) S + Aqk R, S <- gamma_C S + Ktail^T R.
-   It starts from the stored initial state and writes O and the fp32 S_T.
-3. ``_store_kernel``: stores S_T into the pool slot in its format (same rounding code as the decode step).
-Head dims K, V must be powers of two (16..256); T is arbitrary (the last chunk is zero-padded).
+   dot products of factors decayed to the end of the earlier block, so no exponential exceeds 1) and the
+   inverse A = (I + T)^-1 by the exact product formula on the diagonal blocks and block merging.
+2. ``_wy_kernel``, same grid: Y = A E, U = A Z (for every value head of the q/k head), the decayed queries
+   (gamma q), tail keys (gamma_C / gamma k) and total decay gamma_C, in K slices to bound registers.
+3. ``_state_kernel``, one program per (V block, sequence x value head), sequential over chunks with two
+   matrix products per chunk: R = U - Y S, S <- gamma_C S + Ktail^T R. It stores every chunk's start state
+   and R for step 4, and the fp32 S_T.
+4. ``_output_kernel``, one program per (chunk, V block, sequence x value head), in parallel:
+   O = (gamma q) S_chunk + Aqk R (the output product is off the sequential path).
+5. ``_store_kernel``: stores S_T into the pool slot in its format (same rounding code as the decode step).
+Products run with bf16 operands (fp32 accumulation, as fla) for bf16 inputs, or with fp32 operands split into
+bf16 hi + lo ("bf16x3") or in tf32x3 ("tf32", "ieee") precision: the inter-kernel tensors Y, U, Aqk, gamma q,
+Ktail, chunk states and R are stored in bf16 or fp32 accordingly; the carried state is always fp32.
+Head dims K, V must be powers of two (16..256); T is arbitrary (the last chunk is zero-padded: padded rows of
+Y, U, Ktail are zero, so they leave S unchanged).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import triton
 import triton.language as tl
 
 from gdn2q.kernels.decode import effective_static_scales, seed_tensor
-from gdn2q.kernels.state_io import format_constexprs, load_codes, store_state
+from gdn2q.kernels.state_io import INTERPRETED, format_constexprs, load_codes, store_state
 from gdn2q.quant.state import QuantizedState, StateQuantConfig
 
 CHUNK = 64
@@ -87,9 +94,35 @@ def _mm(a, b):
 
 
 @triton.jit
+def _split(x):
+    """fp32 x as bf16 hi + lo (16 mantissa bits between them)."""
+    hi = x.to(tl.bfloat16)
+    return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _dot(a, b, DOT: tl.constexpr):
+    """a @ b with fp32 accumulation. "bf16": bf16 operands on the tensor cores (fla's choice); "bf16x3": fp32
+    operands split into bf16 hi + lo, three bf16 products (~2^-16 relative, tf32 tensor-core rate is half of
+    bf16's); else fp32 operands with that input precision ("tf32", "tf32x3", "ieee")."""
+    if (DOT == "bf16" or DOT == "bf16x3") and INTERPRETED:  # the CPU interpreter's bf16 dot is wrong
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DOT == "bf16":
+        c = tl.dot(a, b)
+    elif DOT == "bf16x3":
+        ah, al = _split(a)
+        bh, bl = _split(b)
+        c = tl.dot(ah, bh, acc=tl.dot(al, bh, acc=tl.dot(ah, bl)))
+    else:
+        c = tl.dot(a, b, input_precision=DOT)
+    return c
+
+
+@triton.jit
 def _st16(ptr, base_row, r0: tl.constexpr, c0: tl.constexpr, x):
     i16 = tl.arange(0, 16)
-    tl.store(ptr + (base_row + r0 + i16).to(tl.int64)[:, None] * 64 + c0 + i16[None, :], x)
+    tl.store(ptr + (base_row + r0 + i16).to(tl.int64)[:, None] * 64 + c0 + i16[None, :],
+             x.to(ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -133,19 +166,16 @@ def _block(q_ptr, k_ptr, g_ptr, b_ptr, bi, hq, t0, T, scale, HQ: tl.constexpr, K
 
 
 @triton.jit
-def _intra_kernel(
-    q_ptr, k_ptr, g_ptr, b_ptr, v_ptr, w_ptr, aqk_ptr, ainv_ptr, y_ptr, u_ptr, qg_ptr, kt_ptr, gc_ptr,
-    T, Tp, scale,
-    HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L2NORM: tl.constexpr,
-    DOT: tl.constexpr, KS: tl.constexpr,
+def _score_kernel(
+    q_ptr, k_ptr, g_ptr, b_ptr, aqk_ptr, ainv_ptr, T, Tp, scale,
+    HQ: tl.constexpr, K: tl.constexpr, L2NORM: tl.constexpr, DOT: tl.constexpr, KS: tl.constexpr,
 ):
     n = tl.program_id(0)
-    bh = tl.program_id(1)
-    bi = bh // HV
-    hv = bh % HV
-    hq = hv // (HV // HQ)
+    bq = tl.program_id(1)
+    bi = bq // HQ
+    hq = bq % HQ
     c0 = n * 64
-    row0 = bh * Tp + c0
+    row0 = bq * Tp + c0
     zero = tl.zeros([16, 16], dtype=tl.float32)
 
     q, k, bk, gl, bs0, aq, t00 = _block(q_ptr, k_ptr, g_ptr, b_ptr, bi, hq, c0, T, scale, HQ, K, L2NORM,
@@ -208,66 +238,115 @@ def _intra_kernel(
     _st16(ainv_ptr, row0, 48, 32, a32)
     _st16(ainv_ptr, row0, 48, 48, a33)
     _upper_zero(ainv_ptr, row0, zero)
-    tl.debug_barrier()
 
-    # whole 64-row tiles: Y = A E, U = A Z, gamma q, Ktail and gamma_C for the sequential pass
+
+@triton.jit
+def _wy_kernel(
+    q_ptr, k_ptr, g_ptr, b_ptr, v_ptr, w_ptr, ainv_ptr, y_ptr, u_ptr, qg_ptr, kt_ptr, gc_ptr, T, Tp, scale,
+    HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L2NORM: tl.constexpr,
+    DOT: tl.constexpr, KC: tl.constexpr,
+):
+    """Y = A E, U = A Z, gamma q, Ktail, gamma_C for one chunk of one q/k head (all its value heads' U).
+
+    The row norms need whole rows; everything else is per key column (cumsum included), so it runs in KC-column
+    slices to keep the [64, K] fp32 tiles from spilling.
+    """
+    n = tl.program_id(0)
+    bq = tl.program_id(1)
+    bi = bq // HQ
+    hq = bq % HQ
+    c0 = n * 64
     r64 = tl.arange(0, 64)
-    ok = tl.arange(0, K)
-    ov = tl.arange(0, V)
-    rows = (row0 + r64).to(tl.int64)
+    rows = (bq * Tp + c0 + r64).to(tl.int64)
     a = tl.load(ainv_ptr + rows[:, None] * 64 + r64[None, :])
-    k = _rows(k_ptr, bi, hq, c0, T, HQ, K, 64, 0, K)
-    k = k * _inv_norm(k, L2NORM)[:, None]
-    G = tl.cumsum(_rows(g_ptr, bi, hq, c0, T, HQ, K, 64, 0, K), axis=0)
-    gam = tl.exp(G)
-    e = gam * _rows(b_ptr, bi, hq, c0, T, HQ, K, 64, 0, K) * k
-    tl.store(y_ptr + rows[:, None] * K + ok[None, :], tl.dot(a, e, input_precision=DOT))
-    z = _rows(v_ptr, bi, hv, c0, T, HV, V, 64, 0, V) * _rows(w_ptr, bi, hv, c0, T, HV, V, 64, 0, V)
-    tl.store(u_ptr + rows[:, None] * V + ov[None, :], tl.dot(a, z, input_precision=DOT))
-    glast = tl.sum(tl.where((r64 == 63)[:, None], G, 0.0), axis=0)
-    tl.store(kt_ptr + rows[:, None] * K + ok[None, :], k * tl.exp(glast[None, :] - G))
-    tl.store(gc_ptr + (bh * (Tp // 64) + n).to(tl.int64) * K + ok, tl.exp(glast))
-    q = _rows(q_ptr, bi, hq, c0, T, HQ, K, 64, 0, K)
-    q = q * (_inv_norm(q, L2NORM) * scale)[:, None]
-    tl.store(qg_ptr + rows[:, None] * K + ok[None, :], q * gam)
+    nk = _inv_norm(_rows(k_ptr, bi, hq, c0, T, HQ, K, 64, 0, K), L2NORM)
+    nq = _inv_norm(_rows(q_ptr, bi, hq, c0, T, HQ, K, 64, 0, K), L2NORM) * scale
+    for s0 in tl.static_range(0, K, KC):
+        oc = s0 + tl.arange(0, KC)
+        G = tl.cumsum(_rows(g_ptr, bi, hq, c0, T, HQ, K, 64, s0, KC), axis=0)
+        gam = tl.exp(G)
+        k = _rows(k_ptr, bi, hq, c0, T, HQ, K, 64, s0, KC) * nk[:, None]
+        e = gam * _rows(b_ptr, bi, hq, c0, T, HQ, K, 64, s0, KC) * k
+        tl.store(y_ptr + rows[:, None] * K + oc[None, :], tl.dot(a, e, input_precision=DOT).to(y_ptr.dtype.element_ty))
+        glast = tl.sum(tl.where((r64 == 63)[:, None], G, 0.0), axis=0)
+        tl.store(kt_ptr + rows[:, None] * K + oc[None, :], (k * tl.exp(glast[None, :] - G)).to(kt_ptr.dtype.element_ty))
+        tl.store(gc_ptr + (bq * (Tp // 64) + n).to(tl.int64) * K + oc, tl.exp(glast))
+        q = _rows(q_ptr, bi, hq, c0, T, HQ, K, 64, s0, KC) * nq[:, None]
+        tl.store(qg_ptr + rows[:, None] * K + oc[None, :], (q * gam).to(qg_ptr.dtype.element_ty))
+    ov = tl.arange(0, V)
+    for j in range(HV // HQ):                              # GVA: value heads hq*G .. hq*G+G-1 share A
+        hv = hq * (HV // HQ) + j
+        z = _rows(v_ptr, bi, hv, c0, T, HV, V, 64, 0, V) * _rows(w_ptr, bi, hv, c0, T, HV, V, 64, 0, V)
+        vrows = ((bi * HV + hv) * Tp + c0 + r64).to(tl.int64)
+        tl.store(u_ptr + vrows[:, None] * V + ov[None, :], tl.dot(a, z, input_precision=DOT).to(u_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _state_kernel(
-    aqk_ptr, y_ptr, u_ptr, qg_ptr, kt_ptr, gc_ptr, o_ptr, fin_ptr, codes_ptr, scales_ptr, slots_ptr,
-    T, Tp, N,
-    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+    y_ptr, u_ptr, kt_ptr, gc_ptr, hs_ptr, vn_ptr, fin_ptr, codes_ptr, scales_ptr, slots_ptr, N,
+    HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
     INIT: tl.constexpr, MODE: tl.constexpr, ROW: tl.constexpr, DOT: tl.constexpr,
 ):
+    """The sequential pass: only R = U - Y S and S <- gamma_C S + Ktail^T R on the chain from chunk to chunk.
+
+    Loads of the next chunk's Y, U, Ktail do not depend on S, so num_stages > 1 prefetches them.
+    """
     pv = tl.program_id(0)
     bh = tl.program_id(1)
     bi = bh // HV
     hv = bh % HV
+    bq = bi * HQ + hv // (HV // HQ)
+    OP = y_ptr.dtype.element_ty
     ok = tl.arange(0, K)
     ov = pv * BV + tl.arange(0, BV)
     r64 = tl.arange(0, 64)
-    if INIT:
-        head = tl.load(slots_ptr + bi).to(tl.int64) * HV + hv
+    if INIT:  # a padding sequence (slot < 0) starts from slot 0, as the reference does
+        head = tl.maximum(tl.load(slots_ptr + bi), 0).to(tl.int64) * HV + hv
         c, sc = load_codes(codes_ptr + head * (K * V) + pv * BV, scales_ptr + head * (K if ROW else 1),
                            ok[:, None] * V + tl.arange(0, BV)[None, :], ok, MODE, ROW)
         s = c * sc[:, None]
     else:
         s = tl.zeros([K, BV], dtype=tl.float32)
+    hs_off = ok.to(tl.int64)[:, None] * V + ov[None, :]
     for n in range(N):
-        rows = (bh * Tp + n * 64 + r64).to(tl.int64)
-        y = tl.load(y_ptr + rows[:, None] * K + ok[None, :])
-        u = tl.load(u_ptr + rows[:, None] * V + ov[None, :])
-        r = u - tl.dot(y, s, input_precision=DOT)                      # residual write after the erase
-        qg = tl.load(qg_ptr + rows[:, None] * K + ok[None, :])
-        a = tl.load(aqk_ptr + rows[:, None] * 64 + r64[None, :])
-        o = tl.dot(qg, s, input_precision=DOT) + tl.dot(a, r, input_precision=DOT)
-        t = n * 64 + r64
-        o_off = ((bi * T + t) * HV + hv).to(tl.int64)[:, None] * V + ov[None, :]
-        tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=(t < T)[:, None])
-        kt = tl.load(kt_ptr + rows[:, None] * K + ok[None, :])
-        gc = tl.load(gc_ptr + (bh * N + n).to(tl.int64) * K + ok)
-        s = s * gc[:, None] + tl.dot(tl.trans(kt), r, input_precision=DOT)
-    tl.store(fin_ptr + bh.to(tl.int64) * (K * V) + ok[:, None] * V + ov[None, :], s)
+        qrows = (bq * N * 64 + n * 64 + r64).to(tl.int64)
+        vrows = (bh * N * 64 + n * 64 + r64).to(tl.int64)
+        tl.store(hs_ptr + (bh * N + n).to(tl.int64) * (K * V) + hs_off, s.to(OP))
+        y = tl.load(y_ptr + qrows[:, None] * K + ok[None, :])
+        u = tl.load(u_ptr + vrows[:, None] * V + ov[None, :]).to(tl.float32)
+        r = (u - _dot(y, s.to(OP), DOT)).to(OP)                 # residual write after the erase
+        tl.store(vn_ptr + vrows[:, None] * V + ov[None, :], r)
+        kt = tl.load(kt_ptr + qrows[:, None] * K + ok[None, :])
+        gc = tl.load(gc_ptr + (bq * N + n).to(tl.int64) * K + ok)
+        s = s * gc[:, None] + _dot(tl.trans(kt), r, DOT)
+    tl.store(fin_ptr + bh.to(tl.int64) * (K * V) + hs_off, s)
+
+
+@triton.jit
+def _output_kernel(
+    aqk_ptr, qg_ptr, hs_ptr, vn_ptr, o_ptr, T, N,
+    HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr,
+):
+    """O = (gamma q) S_chunk + Aqk R for one chunk and V block: independent of every other chunk."""
+    n = tl.program_id(0)
+    pv = tl.program_id(1)
+    bh = tl.program_id(2)
+    bi = bh // HV
+    hv = bh % HV
+    bq = bi * HQ + hv // (HV // HQ)
+    ok = tl.arange(0, K)
+    ov = pv * BV + tl.arange(0, BV)
+    r64 = tl.arange(0, 64)
+    qrows = (bq * N * 64 + n * 64 + r64).to(tl.int64)
+    vrows = (bh * N * 64 + n * 64 + r64).to(tl.int64)
+    qg = tl.load(qg_ptr + qrows[:, None] * K + ok[None, :])
+    h = tl.load(hs_ptr + (bh * N + n).to(tl.int64) * (K * V) + ok[:, None] * V + ov[None, :])
+    a = tl.load(aqk_ptr + qrows[:, None] * 64 + r64[None, :])
+    r = tl.load(vn_ptr + vrows[:, None] * V + ov[None, :])
+    o = _dot(qg, h, DOT) + _dot(a, r, DOT)
+    t = n * 64 + r64
+    o_off = ((bi * T + t) * HV + hv).to(tl.int64)[:, None] * V + ov[None, :]
+    tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=(t < T)[:, None])
 
 
 @triton.jit
@@ -279,61 +358,81 @@ def _store_kernel(
     bh = tl.program_id(0)
     bi = bh // HV
     hv = bh % HV
-    head = tl.load(slots_ptr + bi).to(tl.int64) * HV + hv
-    ok = tl.arange(0, K)
-    offs = ok[:, None] * V + tl.arange(0, V)[None, :]
-    x = tl.load(fin_ptr + bh.to(tl.int64) * (K * V) + offs)
-    tile = head * (K * V)
-    srow = head * (K if ROW else 1)
-    if INIT:
-        _, sc_prev = load_codes(codes_ptr + tile, scales_ptr + srow, offs, ok, MODE, ROW)
-        store_state(x, sc_prev, codes_ptr + tile, scales_ptr + srow, res_ptr + tile,
-                    static_ptr + hv * (K if ROW else 1), offs, ok, tl.load(seed_ptr), bh * (K * V),
-                    MODE, ROW, ROUND, STATIC)
-    else:  # a fresh sequence has no residual to feed back
-        store_state(x, tl.zeros([K], dtype=tl.float32), codes_ptr + tile, scales_ptr + srow, res_ptr + tile,
-                    static_ptr + hv * (K if ROW else 1), offs, ok, tl.load(seed_ptr), bh * (K * V),
-                    MODE, ROW, 0 if ROUND == 2 else ROUND, STATIC)
+    slot = tl.load(slots_ptr + bi).to(tl.int64)
+    if slot >= 0:  # a padding sequence stores nothing
+        head = slot * HV + hv
+        ok = tl.arange(0, K)
+        offs = ok[:, None] * V + tl.arange(0, V)[None, :]
+        x = tl.load(fin_ptr + bh.to(tl.int64) * (K * V) + offs)
+        tile = head * (K * V)
+        srow = head * (K if ROW else 1)
+        if INIT:
+            _, sc_prev = load_codes(codes_ptr + tile, scales_ptr + srow, offs, ok, MODE, ROW)
+            store_state(x, sc_prev, codes_ptr + tile, scales_ptr + srow, res_ptr + tile,
+                        static_ptr + hv * (K if ROW else 1), offs, ok, tl.load(seed_ptr), bh * (K * V),
+                        MODE, ROW, ROUND, STATIC)
+        else:  # a fresh sequence has no residual to feed back
+            store_state(x, tl.zeros([K], dtype=tl.float32), codes_ptr + tile, scales_ptr + srow,
+                        res_ptr + tile, static_ptr + hv * (K if ROW else 1), offs, ok, tl.load(seed_ptr),
+                        bh * (K * V), MODE, ROW, 0 if ROUND == 2 else ROUND, STATIC)
+
+
+DOT_PRECISIONS = ("bf16", "bf16x3", "tf32", "tf32x3", "ieee")
 
 
 def prefill_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     pool: QuantizedState, slots: torch.Tensor, fmt: StateQuantConfig, *, initial: bool = True,
     scale: float | None = None, use_qk_l2norm: bool = True, static_scales: torch.Tensor | None = None,
-    seed: int | torch.Tensor | None = None, out: torch.Tensor | None = None, dot_precision: str = "tf32x3",
-    block_v: int = 32, intra_warps: int = 4, stages: int = 1,
+    seed: int | torch.Tensor | None = None, out: torch.Tensor | None = None, dot_precision: str | None = None,
+    block_v: int = 32, state_warps: int = 4, stages: int = 2, intra_warps: int = 4, out_block_v: int = 64,
 ) -> torch.Tensor:
-    """Launch the three prefill kernels. q, k, g, b: [B, T, HQ, K]; v, w: [B, T, HV, V]; returns o.
+    """Launch the prefill kernels. q, k, g, b: [B, T, HQ, K]; v, w: [B, T, HV, V]; returns o.
 
-    dot_precision "tf32x3" keeps the fp32 state within 1e-6 of the reference; "tf32" is faster but drifts
-    ~2e-3 over 1000 tokens (measured on an H200). The sequential kernel runs 4 warps: 8 warps hit an
-    illegal-address fault under Triton 3.6 on an H200 that is not understood yet.
+    dot_precision (default "tf32x3"): the operands of the sequential and output products. "tf32x3" is the
+    default because it is the one that keeps an int8 final state within one step of the reference at 1x8192
+    (H200: 1.00002 steps; "bf16x3" 1.0003, "bf16" 1.47 steps, docs/benchmarks/kernels-check-NVIDIA-H200.json).
+    "bf16" is fla's choice (fp32 state, bf16 operands and bf16 intermediates; the score/WY kernels
+    then multiply in tf32); "bf16x3" keeps fp32 intermediates and splits each operand into bf16 hi + lo;
+    "tf32x3" kept the previous kernel's fp32 state within ~1e-6 of the reference, "tf32" drifted ~2e-3 over
+    1000 tokens (H200). block_v / state_warps / stages shape the sequential kernel, intra_warps the score and
+    WY kernels, out_block_v the output kernel (benchmark sweeps).
     """
     B, T, HQ, K = k.shape
     HV, V = v.shape[2], v.shape[3]
+    dot = dot_precision or "tf32x3"
+    if dot not in DOT_PRECISIONS:
+        raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot!r}")
+    inner = {"bf16": "tf32", "bf16x3": "tf32x3"}.get(dot, dot)   # the score / WY kernels' fp32 products
     q, k, v, g, b, w = (t.contiguous() for t in (q, k, v, g, b, w))
     N = triton.cdiv(T, CHUNK)
     Tp = N * CHUNK
-    BV = min(block_v, V)
+    BV, BVO = min(block_v, V), min(out_block_v, V)
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
-    aqk = torch.empty(B * HV, Tp, CHUNK, **f32)
-    ainv = torch.empty(B * HV, Tp, CHUNK, **f32)
-    y, qg, kt = (torch.empty(B * HV, Tp, K, **f32) for _ in range(3))
-    u = torch.empty(B * HV, Tp, V, **f32)
-    gc = torch.empty(B * HV, N, K, **f32)
+    op = dict(dtype=torch.bfloat16 if dot == "bf16" else torch.float32, device=dev)
+    aqk = torch.empty(B * HQ, Tp, CHUNK, **op)
+    ainv = torch.empty(B * HQ, Tp, CHUNK, **f32)
+    y, qg, kt = (torch.empty(B * HQ, Tp, K, **op) for _ in range(3))
+    gc = torch.empty(B * HQ, N, K, **f32)
+    u, vn = (torch.empty(B * HV, Tp, V, **op) for _ in range(2))
+    hs = torch.empty(B * HV, N, K, V, **op)
     o = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev) if out is None else out
     fin = torch.empty(B * HV, K, V, **f32)
     sc = float(K ** -0.5 if scale is None else scale)
-    _intra_kernel[(N, B * HV)](q, k, g, b, v, w, aqk, ainv, y, u, qg, kt, gc, T, Tp, sc, HQ=HQ, HV=HV, K=K, V=V,
-                               L2NORM=use_qk_l2norm, DOT=dot_precision, KS=min(K, 32), num_warps=intra_warps)
+    _score_kernel[(N, B * HQ)](q, k, g, b, aqk, ainv, T, Tp, sc, HQ=HQ, K=K, L2NORM=use_qk_l2norm, DOT=inner,
+                               KS=min(K, 8), num_warps=intra_warps)
+    _wy_kernel[(N, B * HQ)](q, k, g, b, v, w, ainv, y, u, qg, kt, gc, T, Tp, sc, HQ=HQ, HV=HV, K=K, V=V,
+                            L2NORM=use_qk_l2norm, DOT=inner, KC=min(K, 64), num_warps=intra_warps)
     cx = format_constexprs(fmt)
     dummy = pool.codes
     scales = pool.scales if pool.scales is not None else dummy
     res = pool.residual if pool.residual is not None else dummy
     _state_kernel[(V // BV, B * HV)](
-        aqk, y, u, qg, kt, gc, o, fin, pool.codes, scales, slots, T, Tp, N, HV=HV, K=K, V=V, BV=BV,
-        INIT=initial, MODE=cx["MODE"], ROW=cx["ROW"], DOT=dot_precision, num_warps=4, num_stages=stages)
+        y, u, kt, gc, hs, vn, fin, pool.codes, scales, slots, N, HQ=HQ, HV=HV, K=K, V=V, BV=BV, INIT=initial,
+        MODE=cx["MODE"], ROW=cx["ROW"], DOT=dot, num_warps=state_warps, num_stages=stages)
+    _output_kernel[(N, V // BVO, B * HV)](aqk, qg, hs, vn, o, T, N, HQ=HQ, HV=HV, K=K, V=V, BV=BVO, DOT=dot,
+                                          num_warps=4)
     stat = effective_static_scales(fmt, static_scales, HV, K, dev)
     _store_kernel[(B * HV,)](fin, pool.codes, scales, res, stat, slots, seed_tensor(fmt, seed, dev), HV=HV, K=K,
                              V=V, INIT=initial, num_warps=4, **cx)

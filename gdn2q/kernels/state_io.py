@@ -23,6 +23,7 @@ ROUNDINGS = {"nearest": 0, "stochastic": 1, "error-feedback": 2}
 INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 TINY: tl.constexpr = tl.constexpr(1e-30)
 RNE_MAGIC: tl.constexpr = tl.constexpr(12582912.0)       # 1.5 * 2^23: (y + M) - M rounds y half-to-even
+RNE_MAGIC_BITS: tl.constexpr = tl.constexpr(0x4B400000)  # its fp32 bit pattern
 INT8_QMAX: tl.constexpr = tl.constexpr(QMAX["int8"])
 FP8_QMAX: tl.constexpr = tl.constexpr(QMAX["fp8"])
 INT8_RU: tl.constexpr = tl.constexpr(RESIDUAL_UNIT["int8"])
@@ -85,31 +86,72 @@ def _row_vector(ptr, ok, ROW: tl.constexpr):
 
 
 @triton.jit
-def load_codes(codes_ptr, scales_ptr, offs, ok, MODE: tl.constexpr, ROW: tl.constexpr):
-    """(codes as fp32 [BK, BV], per-row scales [BK]); the state is codes * scales[:, None] (scales 1 unquantized).
-
-    codes_ptr/scales_ptr point at this tile's first code and first scale; offs are [BK, BV] tile offsets.
-    """
-    c = tl.load(codes_ptr + offs).to(tl.float32)
-    if MODE >= 2:
-        sc = _row_vector(scales_ptr, ok, ROW)
-    else:
-        sc = tl.full(ok.shape, 1.0, dtype=tl.float32)
-    return c, sc
+def tile_mask(valid, offs):
+    """The scalar ``valid`` as a load/store mask for offs (the interpreter needs a full-shape array; compiled
+    code keeps the scalar, which predicates whole vector accesses)."""
+    if INTERPRETED:
+        valid = offs < valid.to(tl.int32) * (1 << 30)
+    return valid
 
 
 @triton.jit
-def store_state(x, sc_prev, codes_ptr, scales_ptr, res_ptr, static_ptr, offs, ok, seed, rnd_base,
-                MODE: tl.constexpr, ROW: tl.constexpr, ROUND: tl.constexpr, STATIC: tl.constexpr):
-    """Store the fp32 tile x [BK, BV] (whole rows when quantized) in the pool's format.
+def load_tile(codes_ptr, scales_ptr, res_ptr, offs, ok, valid, MODE: tl.constexpr, ROW: tl.constexpr,
+              ROUND: tl.constexpr):
+    """(stored codes [BK, BV] as stored, per-row fp32 scales [BK], residual codes or 0) of one tile.
 
-    sc_prev are the row scales the tile was loaded with: error feedback adds the stored residual
-    (in units of sc_prev * RESIDUAL_UNIT) back before rounding. static_ptr points at this head's scales.
+    Codes stay in their storage dtype (a quarter of the registers for int8/fp8) so a kernel can hold the
+    next tile while it works on this one; :func:`codes_to_float` widens them where they are used. Nothing
+    is read where ``valid`` is false. Scales are 1 for unquantized states.
     """
+    c = tl.load(codes_ptr + offs, mask=tile_mask(valid, offs))
+    if MODE >= 2:
+        if ROW:
+            sc = tl.load(scales_ptr + ok, mask=tile_mask(valid, ok), other=0.0)
+        else:
+            sc = tl.load(scales_ptr + ok * 0, mask=tile_mask(valid, ok), other=0.0)
+    else:
+        sc = tl.full(ok.shape, 1.0, dtype=tl.float32)
+    res = 0
+    if ROUND == 2:
+        res = tl.load(res_ptr + offs, mask=tile_mask(valid, offs))
+    return c, sc, res
+
+
+@triton.jit
+def codes_to_float(c, MODE: tl.constexpr):
+    """Stored codes as fp32 values on their grid.
+
+    int8 goes through the float bit pattern of 1.5 * 2^23 + c (an integer add and a float subtract, both on
+    full-rate pipes) instead of the conversion unit, which runs at an eighth of the FMA rate on Hopper and
+    would otherwise bound the whole decode step.
+    """
+    if MODE == 2:
+        x = (c.to(tl.int32) + RNE_MAGIC_BITS).to(tl.float32, bitcast=True) - RNE_MAGIC
+    else:
+        x = c.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _int8_rne(y):
+    """int8 codes of y (|y| <= 127.5, rounded half to even): the low byte of the bits of y + 1.5 * 2^23."""
+    return (y + RNE_MAGIC).to(tl.int32, bitcast=True).to(tl.int8)
+
+
+@triton.jit
+def store_tile(x, sc_prev, res, codes_ptr, scales_ptr, res_ptr, static_ptr, offs, ok, valid, seed, rnd_base,
+               MODE: tl.constexpr, ROW: tl.constexpr, ROUND: tl.constexpr, STATIC: tl.constexpr):
+    """Store the fp32 tile x [BK, BV] (whole rows when quantized) in the pool's format, where ``valid``.
+
+    sc_prev and res are the row scales and residual codes the tile was loaded with: error feedback adds the
+    residual (in units of sc_prev * RESIDUAL_UNIT) back before rounding. static_ptr points at this head's
+    scales.
+    """
+    m = tile_mask(valid, offs)
     if MODE == 0:
-        tl.store(codes_ptr + offs, x)
+        tl.store(codes_ptr + offs, x, mask=m)
     elif MODE == 1:
-        tl.store(codes_ptr + offs, x.to(tl.bfloat16, fp_downcast_rounding="rtne"))
+        tl.store(codes_ptr + offs, x.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=m)
     else:
         if MODE == 2:
             qmax = INT8_QMAX
@@ -118,7 +160,7 @@ def store_state(x, sc_prev, codes_ptr, scales_ptr, res_ptr, static_ptr, offs, ok
             qmax = FP8_QMAX
             ru = FP8_RU
         if ROUND == 2:
-            x = x + tl.load(res_ptr + offs).to(tl.float32) * (sc_prev * ru)[:, None]
+            x = x + res.to(tl.float32) * (sc_prev * ru)[:, None]
         if STATIC:
             sc = _row_vector(static_ptr, ok, ROW)
         else:
@@ -127,22 +169,50 @@ def store_state(x, sc_prev, codes_ptr, scales_ptr, res_ptr, static_ptr, offs, ok
                 amax = tl.zeros_like(amax) + tl.max(amax, axis=0)
             sc = tl.maximum(amax, TINY) / qmax
         y = x * (1.0 / sc)[:, None]
-        u = y
-        if ROUND == 1:
-            u = tl.rand(seed, rnd_base + offs)
-        c = _round_codes(y, u, MODE, ROUND, STATIC or ROUND == 1)
-        if MODE == 2:
-            tl.store(codes_ptr + offs, c.to(tl.int8))
+        if MODE == 2 and ROUND != 1:
+            if STATIC:
+                y = tl.minimum(tl.maximum(y, -INT8_QMAX), INT8_QMAX)
+            codes = _int8_rne(y)
+            tl.store(codes_ptr + offs, codes, mask=m)
+            if ROUND == 2:
+                c = codes_to_float(codes, MODE)
         else:
-            tl.store(codes_ptr + offs, c.to(tl.float8e4nv))
+            u = y
+            if ROUND == 1:
+                u = tl.rand(seed, rnd_base + offs)
+            c = _round_codes(y, u, MODE, ROUND, STATIC or ROUND == 1)
+            if MODE == 2:
+                tl.store(codes_ptr + offs, c.to(tl.int8), mask=m)
+            else:
+                tl.store(codes_ptr + offs, c.to(tl.float8e4nv), mask=m)
         if ROW:
-            tl.store(scales_ptr + ok, sc)
+            tl.store(scales_ptr + ok, sc, mask=tile_mask(valid, ok))
         else:
-            tl.store(scales_ptr + ok * 0, sc, mask=ok == 0)
+            tl.store(scales_ptr + ok * 0, sc, mask=tile_mask(valid, ok) & (ok == 0))
         if ROUND == 2:
             if MODE == 2:
-                rc = _round_codes((y - c) * INT8_INV_RU, y, MODE, 0, True)
-                tl.store(res_ptr + offs, rc.to(tl.int8))
+                tl.store(res_ptr + offs, _int8_rne((y - c) * INT8_INV_RU), mask=m)
             else:
                 rc = _round_codes(y - c, y, MODE, 0, True)
-                tl.store(res_ptr + offs, rc.to(tl.float8e4nv))
+                tl.store(res_ptr + offs, rc.to(tl.float8e4nv), mask=m)
+
+
+@triton.jit
+def load_codes(codes_ptr, scales_ptr, offs, ok, MODE: tl.constexpr, ROW: tl.constexpr):
+    """(codes as fp32 [BK, BV], per-row scales [BK]); the state is codes * scales[:, None] (scales 1 unquantized).
+
+    codes_ptr/scales_ptr point at this tile's first code and first scale; offs are [BK, BV] tile offsets.
+    """
+    c, sc, _ = load_tile(codes_ptr, scales_ptr, codes_ptr, offs, ok, tl.program_id(0) >= 0, MODE, ROW, 0)
+    return codes_to_float(c, MODE), sc
+
+
+@triton.jit
+def store_state(x, sc_prev, codes_ptr, scales_ptr, res_ptr, static_ptr, offs, ok, seed, rnd_base,
+                MODE: tl.constexpr, ROW: tl.constexpr, ROUND: tl.constexpr, STATIC: tl.constexpr):
+    """:func:`store_tile` of a whole valid tile whose residual (error feedback) is still in memory."""
+    res = 0
+    if ROUND == 2:
+        res = tl.load(res_ptr + offs)
+    store_tile(x, sc_prev, res, codes_ptr, scales_ptr, res_ptr, static_ptr, offs, ok, tl.program_id(0) >= 0, seed,
+               rnd_base, MODE, ROW, ROUND, STATIC)

@@ -1,0 +1,285 @@
+"""Small fused kernels around the recurrence in the decode step of :class:`gdn2q.kernels.bench.KernelLM`.
+
+At serving batch sizes one decode step moves little data per layer, so its time goes to kernel launches, and
+the PyTorch glue of a layer (RMSNorms, residual adds, the q/k/v short convs, the gated output norm, SwiGLU,
+the per-token fp8 quantization in front of every fp8 projection) was ~70 of them. Each kernel here does one
+of those pieces over whole rows in one launch; with ``fp8=True`` the ones that feed an fp8 projection write
+e4m3 codes and one fp32 scale per row (absmax / 448, as :func:`gdn2q.kernels.fp8_linear.quantize_weight_fp8`
+does for weights), so the activation quantization costs no launch of its own.
+
+Each entry point runs its Triton kernel for CUDA tensors (or CPU tensors under the Triton interpreter) and
+its PyTorch reference otherwise; the references are also the tests' oracles. The kernels are hand-written for
+these layouts (rows of a fused projection output in, the contiguous planes the recurrence kernel reads out),
+which no library kernel matches.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from gdn2q.kernels.fp8_linear import FP8, Fp8Rows, quantize_rows_reference
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """The Triton kernels run on CUDA tensors, and on CPU tensors under the interpreter (tests)."""
+    from gdn2q.kernels import available
+
+    interp = os.environ.get("TRITON_INTERPRET") == "1" and x.device.type == "cpu"
+    return available() and (x.is_cuda or interp)
+
+
+def _warps(n: int) -> int:
+    """About 16 elements per thread for a one-row-per-program kernel over n padded elements."""
+    return max(1, min(16, n // 512))
+
+
+# ---- PyTorch references ----
+
+def _out(y: torch.Tensor, dtype: torch.dtype, fp8: bool) -> torch.Tensor | Fp8Rows:
+    return quantize_rows_reference(y) if fp8 else y.to(dtype)
+
+
+def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                           fp8: bool = False) -> torch.Tensor | Fp8Rows:
+    if delta is not None:
+        x.add_(delta)
+    xf = x.float()
+    return _out(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float(), x.dtype, fp8)
+
+
+def gated_rms_norm_reference(o: torch.Tensor, z: torch.Tensor, z_bias: torch.Tensor | None, weight: torch.Tensor,
+                             eps: float, activation: str, fp8: bool = False) -> torch.Tensor | Fp8Rows:
+    of = o.float()
+    n = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    zf = z.float() if z_bias is None else z.float() + z_bias.float()
+    zf = zf.reshape(of.shape)
+    gate = torch.sigmoid(zf) if activation == "sigmoid" else F.silu(zf)
+    return _out((n * gate).flatten(-2), o.dtype, fp8)
+
+
+def swiglu_reference(y: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Rows:
+    g, u = y.float().chunk(2, dim=-1)
+    return _out(F.silu(g) * u, y.dtype, fp8)
+
+
+def decode_inputs_reference(y1: torch.Tensor, y2: torch.Tensor, window: torch.Tensor, taps: torch.Tensor,
+                            conv_bias: torch.Tensor | None, kd: int, vd: int) -> tuple[torch.Tensor, ...]:
+    C = 2 * kd + vd
+    window.copy_(torch.cat([window[..., 1:], y1[:, :C].unsqueeze(-1)], dim=-1))
+    y = (window.float() * taps.float()).sum(-1)
+    if conv_bias is not None:
+        y = y + conv_bias.float()
+    q, k, v = F.silu(y).to(y1.dtype).split([kd, kd, vd], dim=-1)
+    b, w = y1[:, C:C + kd + vd].split([kd, vd], dim=-1)
+    return tuple(t.contiguous() for t in (q, k, v, y2[:, :kd], b, w))
+
+
+# ---- Triton kernels ----
+
+@triton.jit
+def _e4m3_rne(y):
+    """y (|y| <= 448) rounded to the nearest e4m3 value, ties to even, still fp32.
+
+    Rounding in fp32 arithmetic makes the fp8 cast after it exact everywhere: the Triton CPU interpreter the
+    tests run on drops mantissa carries in its own fp32 -> fp8 cast (7.9 -> 4.0). A few ALU ops in a
+    memory-bound kernel cost nothing on the GPU.
+    """
+    e = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.maximum(e, -6) - 3                                  # log2 of the e4m3 step at |y| (subnormals: 2^-9)
+    up = ((127 - e) << 23).to(tl.float32, bitcast=True)        # 2^-e
+    down = ((127 + e) << 23).to(tl.float32, bitcast=True)      # 2^e
+    t = y * up                                                 # |t| <= 16
+    t = (t + 12582912.0) - 12582912.0                          # + 1.5 * 2^23: fp32 rounds to an integer, ties even
+    return t * down
+
+
+@triton.jit
+def _store_rows(y, offs, mask, out_ptr, scales_ptr, FP8: tl.constexpr):
+    """Store one row tile y: in out's dtype, or as e4m3 codes with the row's scale (absmax / 448)."""
+    if FP8:
+        s = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=None), 1e-12) / 448.0
+        c = _e4m3_rne(tl.minimum(tl.maximum(y / s, -448.0), 448.0))
+        tl.store(out_ptr + offs, c.to(tl.float8e4nv), mask=mask)
+        tl.store(scales_ptr, s)
+    else:
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, codes_ptr, scales_ptr, stride, N: tl.constexpr, BN: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BN)
+    m = cols < N
+    x = tl.load(x_ptr + row * stride + cols, mask=m, other=0.0).to(tl.float32)
+    _store_rows(x, row * N + cols, m, codes_ptr, scales_ptr + row, True)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, scales_ptr, eps, D: tl.constexpr, BD: tl.constexpr,
+                         ADD: tl.constexpr, FP8: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BD)
+    m = cols < D
+    offs = row * D + cols
+    x = tl.load(x_ptr + offs, mask=m, other=0.0)
+    if ADD:  # the residual stream keeps the model dtype, as x = x + h does
+        x = (x.to(tl.float32) + tl.load(d_ptr + offs, mask=m, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(x_ptr + offs, x, mask=m)
+    xf = x.to(tl.float32)
+    y = xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps) * tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    _store_rows(y, offs, m, out_ptr, scales_ptr + row, FP8)
+
+
+@triton.jit
+def _gated_norm_kernel(o_ptr, z_ptr, zb_ptr, w_ptr, out_ptr, scales_ptr, z_stride, eps, HV: tl.constexpr,
+                       V: tl.constexpr, HP: tl.constexpr, VP: tl.constexpr, BIAS: tl.constexpr,
+                       SIGMOID: tl.constexpr, FP8: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, HP)
+    v = tl.arange(0, VP)
+    m = (h < HV)[:, None] & (v < V)[None, :]
+    cols = h[:, None] * V + v[None, :]
+    o = tl.load(o_ptr + row * (HV * V) + cols, mask=m, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + row * z_stride + cols, mask=m, other=0.0).to(tl.float32)
+    if BIAS:  # the bias of g_proj's second layer, left out of the low-rank GEMM
+        z += tl.load(zb_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    wv = tl.load(w_ptr + v, mask=v < V, other=0.0).to(tl.float32)
+    n = o * tl.rsqrt(tl.sum(o * o, axis=1) / V + eps)[:, None] * wv[None, :]
+    gate = tl.sigmoid(z) if SIGMOID else z * tl.sigmoid(z)
+    _store_rows(n * gate, row * (HV * V) + cols, m, out_ptr, scales_ptr + row, FP8)
+
+
+@triton.jit
+def _swiglu_kernel(y_ptr, out_ptr, scales_ptr, I: tl.constexpr, BI: tl.constexpr, FP8: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BI)
+    m = cols < I
+    g = tl.load(y_ptr + row * (2 * I) + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(y_ptr + row * (2 * I) + I + cols, mask=m, other=0.0).to(tl.float32)
+    _store_rows(g * tl.sigmoid(g) * u, row * I + cols, m, out_ptr, scales_ptr + row, FP8)
+
+
+@triton.jit
+def _decode_inputs_kernel(y1_ptr, y2_ptr, win_ptr, taps_ptr, cb_ptr, out_ptr, s1, s2, B, KD: tl.constexpr,
+                          VD: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr,
+                          CBIAS: tl.constexpr):
+    """Channels c of one sequence in the order q k v b w f: conv step of q|k|v, copies of b|w|f; every one of
+    the six lands in its own contiguous [B, n] plane of out."""
+    C: tl.constexpr = 2 * KD + VD
+    F0: tl.constexpr = 3 * KD + 2 * VD          # q k v b w come from y1, f from y2
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = c < F0 + KD
+    x = tl.load(y1_ptr + row * s1 + c, mask=c < F0, other=0.0)
+    x = tl.where(c < F0, x, tl.load(y2_ptr + row * s2 + (c - F0), mask=live & (c >= F0), other=0.0))
+    conv = c < C
+    # Shift the window one step in place: read positions 1.., barrier, then write 0.. (the barrier orders one
+    # thread's read before another's write to the same element, whatever layout the compiler picks).
+    t = tl.arange(0, WP)[None, :]
+    wm = conv[:, None] & (t < W)
+    win = win_ptr + (row * C + c)[:, None] * W + t
+    old = tl.load(win + 1, mask=wm & (t < W - 1), other=0.0)
+    new = tl.where(t == W - 1, x[:, None], old)
+    tl.debug_barrier()
+    tl.store(win, new, mask=wm)
+    taps = tl.load(taps_ptr + c[:, None] * W + t, mask=wm, other=0.0).to(tl.float32)
+    acc = tl.sum(new.to(tl.float32) * taps, axis=1)
+    if CBIAS:
+        acc += tl.load(cb_ptr + c, mask=conv, other=0.0).to(tl.float32)
+    val = tl.where(conv, acc * tl.sigmoid(acc), x.to(tl.float32))
+    start = tl.where(c < KD, 0, tl.where(c < 2 * KD, KD, tl.where(c < C, 2 * KD, tl.where(
+        c < C + KD, C, tl.where(c < F0, C + KD, F0)))))
+    size = tl.where(((c >= 2 * KD) & (c < C)) | ((c >= C + KD) & (c < F0)), VD, KD)
+    tl.store(out_ptr + B * start + row * size + (c - start), val.to(out_ptr.dtype.element_ty), mask=live)
+
+
+# ---- entry points ----
+
+def _rows_out(like: torch.Tensor, M: int, N: int, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if fp8:
+        return torch.empty(M, N, dtype=FP8, device=like.device), torch.empty(M, 1, device=like.device)
+    return torch.empty(M, N, dtype=like.dtype, device=like.device), like   # scales never written
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> Fp8Rows:
+    """Per-row e4m3 codes and scales of x [M, K] (unit column stride) in one launch."""
+    if not use_triton(x):
+        return quantize_rows_reference(x)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    M, N = x.shape
+    codes, scales = _rows_out(x, M, N, True)
+    BN = triton.next_power_of_2(N)
+    _quantize_kernel[(M,)](x, codes, scales, x.stride(0), N=N, BN=BN, num_warps=_warps(BN))
+    return codes, scales
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 fp8: bool = False) -> torch.Tensor | Fp8Rows:
+    """RMSNorm of the residual rows x [M, D] after ``x += delta`` (in place, skipped when delta is None)."""
+    if not use_triton(x):
+        return add_rms_norm_reference(x, delta, weight, eps, fp8)
+    M, D = x.shape
+    out, scales = _rows_out(x, M, D, fp8)
+    BD = triton.next_power_of_2(D)
+    _add_rms_norm_kernel[(M,)](x, x if delta is None else delta.contiguous(), weight, out, scales, eps, D=D, BD=BD,
+                               ADD=delta is not None, FP8=fp8, num_warps=_warps(BD))
+    return (out, scales) if fp8 else out
+
+
+def gated_rms_norm_rows(o: torch.Tensor, z: torch.Tensor, z_bias: torch.Tensor | None, weight: torch.Tensor,
+                        eps: float, activation: str, fp8: bool = False) -> torch.Tensor | Fp8Rows:
+    """Per-head RMSNorm of o [M, HV, V] gated by act(z + z_bias), z [M, HV*V]; returns rows [M, HV*V].
+
+    ``activation``: "sigmoid" (fla-trained) or "swish" (NVIDIA-trained), as gdn2q.model.norms.gated_rms_norm.
+    """
+    if not use_triton(o):
+        return gated_rms_norm_reference(o, z, z_bias, weight, eps, activation, fp8)
+    M, HV, V = o.shape
+    o = o.contiguous()
+    if z.stride(-1) != 1:
+        z = z.contiguous()
+    out, scales = _rows_out(o, M, HV * V, fp8)
+    HP, VP = triton.next_power_of_2(HV), triton.next_power_of_2(V)
+    _gated_norm_kernel[(M,)](o, z, z if z_bias is None else z_bias, weight, out, scales, z.stride(0), eps, HV=HV,
+                             V=V, HP=HP, VP=VP, BIAS=z_bias is not None, SIGMOID=activation == "sigmoid", FP8=fp8,
+                             num_warps=_warps(HP * VP))
+    return (out, scales) if fp8 else out
+
+
+def swiglu(y: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Rows:
+    """silu(gate) * up of the fused MLP input projection y [M, 2I] = [gate | up]; returns [M, I]."""
+    if not use_triton(y):
+        return swiglu_reference(y, fp8)
+    y = y.contiguous()
+    M, I = y.shape[0], y.shape[1] // 2
+    out, scales = _rows_out(y, M, I, fp8)
+    BI = triton.next_power_of_2(I)
+    _swiglu_kernel[(M,)](y, out, scales, I=I, BI=BI, FP8=fp8, num_warps=_warps(BI))
+    return (out, scales) if fp8 else out
+
+
+def decode_inputs(y1: torch.Tensor, y2: torch.Tensor, window: torch.Tensor, taps: torch.Tensor,
+                  conv_bias: torch.Tensor | None, kd: int, vd: int) -> tuple[torch.Tensor, ...]:
+    """The recurrence inputs of one decode token from the fused projection outputs, in one launch.
+
+    y1 [B, >= 3kd+2vd] holds raw q|k|v|b|w, y2 [B, >= kd] holds f (unit column strides); window [B, 2kd+vd, W]
+    (the last W raw q|k|v inputs, oldest first) is shifted in place and taps [2kd+vd, W] convolve it (+ SiLU).
+    Returns contiguous (q, k, v, f, b, w) of shapes [B, kd|vd] in y1's dtype.
+    """
+    if not use_triton(y1):
+        return decode_inputs_reference(y1, y2, window, taps, conv_bias, kd, vd)
+    B, W = y1.shape[0], window.shape[-1]
+    sizes = (kd, kd, vd, kd, vd, kd)
+    out = torch.empty(B * sum(sizes), dtype=y1.dtype, device=y1.device)
+    BLOCK = 1024
+    _decode_inputs_kernel[(B, triton.cdiv(sum(sizes), BLOCK))](
+        y1, y2, window, taps, taps if conv_bias is None else conv_bias, out, y1.stride(0), y2.stride(0), B,
+        KD=kd, VD=vd, W=W, WP=triton.next_power_of_2(W), BLOCK=BLOCK, CBIAS=conv_bias is not None, num_warps=4)
+    q, k, v, b, w, f = (p.view(B, n) for p, n in zip(out.split([B * n for n in sizes]), sizes, strict=True))
+    return q, k, v, f, b, w

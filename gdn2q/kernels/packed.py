@@ -1,0 +1,110 @@
+"""8-bit state codes handled as 32-bit words: four columns per word, one *plane* per byte position.
+
+Why by hand: a [K, V] tile of int8/fp8 codes that Triton keeps as 8-bit tensors costs three to four byte
+permutes (PRMT) per element once the tile is carried across a loop iteration, and its int8 <-> fp32
+conversions run on the conversion unit at an eighth of the FMA rate. Loading the tile as int32 words
+[K, V/4] and working on the four byte planes separately (plane j holds columns 4m + j) keeps every access
+16 bytes wide and turns the conversions into integer/float bit tricks on full-rate pipes. On the GPU the byte
+(un)packing uses ``prmt``/``cvt`` PTX through ``tl.inline_asm_elementwise``; the Triton CPU interpreter (CI)
+cannot run PTX, so it takes the equivalent pure Triton expressions.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from gdn2q.kernels.state_io import FP8_QMAX, INT8_QMAX, INTERPRETED, RNE_MAGIC, _fp8_ulp, _rne
+
+INT8_BIAS: tl.constexpr = tl.constexpr(8388736.0)         # 2^23 + 128: float of bits 0x4B000000 | (c ^ 0x80)
+
+
+@triton.jit
+def unpack_plane(wd, J: tl.constexpr, MODE: tl.constexpr):
+    """fp32 values of the codes in byte J of each word (MODE 2: int8, 3: fp8 e4m3)."""
+    if MODE == 2:
+        x = (((wd >> (8 * J)) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - INT8_BIAS
+    else:
+        x = ((wd >> (8 * J)) & 0xFF).to(tl.int8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return x
+
+
+@triton.jit
+def unpack_fp8_word(wd):
+    """The four e4m3 codes of each word as fp32 (two paired hardware conversions per word on the GPU)."""
+    if INTERPRETED:
+        x0, x1, x2, x3 = unpack_plane(wd, 0, 3), unpack_plane(wd, 1, 3), unpack_plane(wd, 2, 3), unpack_plane(wd, 3, 3)
+    else:
+        x0, x1, x2, x3 = tl.inline_asm_elementwise(
+            """{ .reg .b16 l, h, a, b, c, d; .reg .b32 pl, ph;
+            mov.b32 {l, h}, $4;
+            cvt.rn.f16x2.e4m3x2 pl, l;
+            cvt.rn.f16x2.e4m3x2 ph, h;
+            mov.b32 {a, b}, pl;
+            mov.b32 {c, d}, ph;
+            cvt.f32.f16 $0, a;
+            cvt.f32.f16 $1, b;
+            cvt.f32.f16 $2, c;
+            cvt.f32.f16 $3, d; }""",
+            "=f,=f,=f,=f,r", [wd], dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def pack_bytes(b0, b1, b2, b3):
+    """One word from the low bytes of four int32 tensors (b0 lowest)."""
+    if INTERPRETED:
+        wd = (b0 & 0xFF) | ((b1 & 0xFF) << 8) | ((b2 & 0xFF) << 16) | (b3 << 24)
+    else:
+        wd = tl.inline_asm_elementwise(
+            """{ .reg .b32 lo, hi;
+            prmt.b32 lo, $1, $2, 0x40;
+            prmt.b32 hi, $3, $4, 0x40;
+            prmt.b32 $0, lo, hi, 0x5410; }""",
+            "=r,r,r,r,r", [b0, b1, b2, b3], dtype=tl.int32, is_pure=True, pack=1)
+    return wd
+
+
+@triton.jit
+def code_byte(y, u, MODE: tl.constexpr, ROUND: tl.constexpr, CLAMP: tl.constexpr):
+    """(int32 whose low byte is the code of y, the code as fp32) for y in code units.
+
+    ROUND: 0 nearest (half to even), 1 stochastic with uniform noise u, 2 nearest (error feedback). CLAMP
+    is needed only where |y| can exceed the grid (static scales, stochastic noise). int8 rounds by adding
+    1.5 * 2^23, whose sum carries the code in its low byte; fp8 casts with saturation (e4m3 has no inf).
+    """
+    if MODE == 2:
+        if ROUND == 1:
+            y = tl.floor(y + u)
+        if CLAMP:
+            y = tl.minimum(tl.maximum(y, -INT8_QMAX), INT8_QMAX)
+        f = y + RNE_MAGIC
+        bits = f.to(tl.int32, bitcast=True)
+        c = f - RNE_MAGIC
+    else:
+        if ROUND == 1:
+            y = y + (u - 0.5) * _fp8_ulp(y)
+        if INTERPRETED:  # the interpreter's cast drops the carry into the exponent: round on the grid first
+            y = tl.minimum(tl.maximum(y, -FP8_QMAX), FP8_QMAX)
+            ulp = _fp8_ulp(y)
+            y = _rne(y / ulp) * ulp
+        e = y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+        bits = e.to(tl.int8, bitcast=True).to(tl.int32)
+        c = e.to(tl.float32)
+    return bits, c
+
+
+@triton.jit
+def pack_fp8(y0, y1, y2, y3):
+    """Word of the four e4m3 codes (round to nearest even, saturating) of four fp32 planes."""
+    if INTERPRETED:
+        wd = pack_bytes(code_byte(y0, y0, 3, 0, False)[0], code_byte(y1, y1, 3, 0, False)[0],
+                        code_byte(y2, y2, 3, 0, False)[0], code_byte(y3, y3, 3, 0, False)[0])
+    else:
+        wd = tl.inline_asm_elementwise(
+            """{ .reg .b16 lo, hi;
+            cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;
+            cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;
+            mov.b32 $0, {lo, hi}; }""",
+            "=r,f,f,f,f", [y0, y1, y2, y3], dtype=tl.int32, is_pure=True, pack=1)
+    return wd

@@ -1,0 +1,108 @@
+"""The glue kernels of the decode step (gdn2q.kernels.glue) against their PyTorch references.
+
+On a machine without CUDA they run under the Triton interpreter; every buffer they allocate starts as NaN, so
+an element a kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gdn2q.kernels import glue
+
+pytestmark = pytest.mark.skipif(not glue.use_triton(torch.empty(0, device="cuda" if torch.cuda.is_available()
+                                                                 else "cpu")), reason="Triton cannot run here")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _rand(*shape, seed: int, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(DEV, dtype)
+
+
+def _same(got, ref, tol: float = 1e-5) -> None:
+    """Same tensor, or for fp8 rows the same scales and codes (a code may sit one e4m3 step off on a tie)."""
+    if isinstance(ref, tuple):
+        torch.testing.assert_close(got[1], ref[1], rtol=tol, atol=0)
+        assert got[0].dtype == ref[0].dtype == torch.float8_e4m3fn
+        g, r = got[0].float(), ref[0].float()
+        torch.testing.assert_close(g, r, rtol=0.0625, atol=2.0 ** -9)
+        assert (g != r).float().mean() < 0.01
+    else:
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+
+
+def test_quantize_rows_matches_reference_and_rounds_to_nearest_even():
+    x = _rand(5, 200, seed=0) * torch.logspace(-3, 2, 5, device=DEV)[:, None]
+    x[0, :4] = torch.tensor([7.9, -124.5, 0.0, 1e-4])  # binade carries, a zero, an e4m3 subnormal
+    codes, scales = glue.quantize_rows_fp8(x)
+    ref_codes, ref_scales = glue.quantize_rows_reference(x)
+    torch.testing.assert_close(scales, ref_scales, rtol=0, atol=0)
+    torch.testing.assert_close(codes.float(), ref_codes.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("add", [False, True])
+def test_add_rms_norm(fp8: bool, add: bool):
+    x, d, w = _rand(3, 96, seed=1), _rand(3, 96, seed=2), _rand(96, seed=3)
+    x_ref = x.clone()
+    got = glue.add_rms_norm(x, d if add else None, w, 1e-6, fp8)
+    ref = glue.add_rms_norm_reference(x_ref, d if add else None, w, 1e-6, fp8)
+    torch.testing.assert_close(x, x_ref)   # the residual is updated in place (or left alone)
+    _same(got, ref)
+
+
+def test_add_rms_norm_keeps_the_residual_in_bf16():
+    x, d = (_rand(2, 64, seed=s, dtype=torch.bfloat16) for s in (4, 5))
+    w = _rand(64, seed=6, dtype=torch.bfloat16)
+    x_ref = x.clone()
+    got = glue.add_rms_norm(x, d, w, 1e-6)
+    ref = glue.add_rms_norm_reference(x_ref, d, w, 1e-6)
+    assert x.dtype == got.dtype == torch.bfloat16
+    torch.testing.assert_close(x, x_ref)   # bf16 tolerance: the interpreter's own fp32 -> bf16 cast is not RNE
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize(("activation", "bias", "fp8"), [("sigmoid", True, False), ("swish", False, True)])
+def test_gated_rms_norm_rows(activation: str, bias: bool, fp8: bool):
+    M, HV, V = 3, 3, 16                                   # HV not a power of two: masked head rows
+    o, w = _rand(M, HV, V, seed=7), _rand(V, seed=8)
+    z = _rand(M, HV * V + 10, seed=9)[:, 5:5 + HV * V]    # a column slice of a wider projection output
+    zb = _rand(HV * V, seed=10) if bias else None
+    _same(glue.gated_rms_norm_rows(o, z, zb, w, 1e-6, activation, fp8),
+          glue.gated_rms_norm_reference(o, z, zb, w, 1e-6, activation, fp8))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_swiglu(fp8: bool):
+    y = _rand(3, 2 * 80, seed=11)
+    _same(glue.swiglu(y, fp8), glue.swiglu_reference(y, fp8))
+
+
+@pytest.mark.parametrize(("conv_bias", "W"), [(False, 4), (True, 3)])
+def test_decode_inputs(conv_bias: bool, W: int):
+    B, kd, vd = 2, 32, 64
+    C = 2 * kd + vd
+    y1 = _rand(B, 3 * kd + 2 * vd + 7, seed=12)           # raw q k v b w, then other columns
+    y2 = _rand(B, kd + 16, seed=13)                       # f, then z
+    win, taps = _rand(B, C, W, seed=14), _rand(C, W, seed=15)
+    cb = _rand(C, seed=16) if conv_bias else None
+    win_ref = win.clone()
+    got = glue.decode_inputs(y1, y2, win, taps, cb, kd, vd)
+    ref = glue.decode_inputs_reference(y1, y2, win_ref, taps, cb, kd, vd)
+    torch.testing.assert_close(win, win_ref, rtol=0, atol=0)
+    for g, r in zip(got, ref, strict=True):
+        assert g.is_contiguous() and g.shape == r.shape
+        _same(g, r)

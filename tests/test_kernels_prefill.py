@@ -1,0 +1,125 @@
+"""The chunked Triton prefill (gdn2q.kernels.prefill) against the PyTorch reference.
+
+Under the CPU interpreter (no CUDA) the kernels multiply in fp32 whatever the requested precision, so the
+comparison is tight; the bf16-operand path needs a GPU (tools/gpu_check_kernels.py). Shapes are small
+(K = V = 32) but exercise what the full shapes rely on: several V blocks, GVA head sharing, a partial last
+chunk, decays strong enough to overflow any quotient of decays, padding slots and untouched pool rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from gdn2q.kernels import chunk_prefill, new_state_pool
+from gdn2q.kernels.prefill import prefill_triton
+from gdn2q.quant.state import StateQuantConfig, quantize_state
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+HQ, HV, K, V, P = 2, 4, 32, 32, 4
+REL = 2e-3 if DEV == "cuda" else 2e-5          # tf32x3 on the GPU; fp32 under the interpreter
+
+
+def _pools(fmt: StateQuantConfig, gen: torch.Generator):
+    """Two identical pools of random stored states (kernel, reference); error feedback gets a random residual."""
+    init = quantize_state(torch.randn(P, HV, K, V, generator=gen) * 2, replace(fmt, scales="dynamic"),
+                          generator=gen)
+    if init.residual is not None:
+        init.residual.copy_(torch.randint(-100, 100, init.residual.shape, generator=gen).to(init.residual.dtype))
+    pools = []
+    for _ in range(2):
+        p = new_state_pool(P, HV, K, V, fmt, DEV)
+        for dst, src in ((p.codes, init.codes), (p.scales, init.scales), (p.residual, init.residual)):
+            if dst is not None:
+                dst.copy_(src)
+        pools.append(p)
+    return pools
+
+
+def _inputs(gen: torch.Generator, B: int, T: int):
+    def r(*s):
+        return torch.randn(B, T, *s, generator=gen).to(DEV)
+
+    q, k, v = r(HQ, K), r(HQ, K), r(HV, V)
+    g = -torch.rand(B, T, HQ, K, generator=gen).to(DEV) * 0.5
+    g[0, 5:9, 0] = -40.0              # > 60 nats inside one 16-token block: exact pairwise exponents
+    g[-1, 60:70, 1, :4] = -30.0       # strong decay across a chunk boundary
+    b, w = torch.rand(B, T, HQ, K, generator=gen).to(DEV), torch.rand(B, T, HV, V, generator=gen).to(DEV)
+    return q, k, v, g, b, w
+
+
+def _check_states(kern, ref, fmt: StateQuantConfig, touched: list[int]):
+    """Stored states within one grid step (fp32: REL of the largest entry); other rows bit-identical."""
+    dk, dr = kern.dequantize().cpu()[touched], ref.dequantize().cpu()[touched]
+    if fmt.dtype == "int8":
+        tol = ref.scales.cpu()[touched].unsqueeze(-1) * 1.01
+    elif fmt.dtype == "fp8":
+        tol = dr.abs() / 8 + ref.scales.cpu()[touched].unsqueeze(-1) * 2.0 ** -9
+    elif fmt.dtype == "bf16":
+        tol = dr.abs() / 64 + 1e-30                  # the interpreter truncates to bf16
+    else:
+        tol = REL * dr.abs().amax() + 1e-6
+    assert torch.all((dk - dr).abs() <= tol)
+    other = [s for s in range(P) if s not in touched]
+    for a, c in ((kern.codes, ref.codes), (kern.scales, ref.scales), (kern.residual, ref.residual)):
+        if a is not None:
+            assert torch.equal(a[other].cpu().float(), c[other].cpu().float())
+
+
+CASES = [
+    # fmt, initial, B, T, slots, launch options
+    (StateQuantConfig("fp32"), True, 2, 150, [2, 0], {"block_v": 16, "out_block_v": 16}),
+    (StateQuantConfig("int8"), True, 2, 150, [3, -1], {"block_v": 32, "stages": 1}),
+    (StateQuantConfig("int8", rounding="error-feedback"), True, 1, 64, [1], {}),
+    (StateQuantConfig("fp8", granularity="head"), False, 2, 40, [0, 2], {"block_v": 16, "intra_warps": 8}),
+    (StateQuantConfig("bf16"), True, 1, 128, [2], {"out_block_v": 32}),
+]
+
+
+@pytest.mark.parametrize("fmt,initial,B,T,slots,opts", CASES,
+                         ids=["fp32-T150-bv16", "int8-padding", "int8-ef-T64", "fp8-head-fresh-T40", "bf16-T128"])
+def test_prefill_matches_reference(fmt, initial, B, T, slots, opts):
+    gen = torch.Generator().manual_seed(T + B)
+    pk, pr = _pools(fmt, gen)
+    q, k, v, g, b, w = _inputs(gen, B, T)
+    sl = torch.tensor(slots, device=DEV, dtype=torch.int32)
+    out = torch.full((B, T, HV, V), float("nan"), device=DEV)
+    ok = prefill_triton(q, k, v, g, b, w, pk, sl, fmt, initial=initial, out=out, dot_precision="tf32x3", **opts)
+    ref = chunk_prefill(q, k, v, g, b, w, pr, sl, fmt, initial=initial, force="torch")
+    assert ok is out and not torch.isnan(out).any()
+    assert (ok - ref).abs().max() <= REL * ref.abs().max()
+    _check_states(pk, pr, fmt, [s for s in slots if s >= 0])
+
+
+def test_default_precision_is_tf32x3_and_unknown_names_fail():
+    """The default is tf32x3 products (the 1e-3 and one-step state targets); a typo fails loudly."""
+    gen = torch.Generator().manual_seed(1)
+    fmt = StateQuantConfig("fp32")
+    pk, pr = _pools(fmt, gen)
+    inputs = _inputs(gen, 1, 20)
+    sl = torch.tensor([1], device=DEV, dtype=torch.int32)
+    with pytest.raises(ValueError, match="dot_precision"):
+        prefill_triton(*inputs, pk, sl, fmt, dot_precision="fp16")
+    ok = chunk_prefill(*inputs, pk, sl, fmt, force="triton")
+    ref = chunk_prefill(*inputs, pr, sl, fmt, force="torch")
+    assert (ok - ref).abs().max() <= REL * ref.abs().max()
+    _check_states(pk, pr, fmt, [1])
+
+
+def test_bf16_operand_path():
+    """dot_precision="bf16": bf16 operands and intermediates, as fla. The interpreter multiplies their values in
+    fp32 and truncates to bf16, so the bound is loose: it catches indexing and layout errors, not GPU rounding."""
+    gen = torch.Generator().manual_seed(2)
+    fmt = StateQuantConfig("fp32")
+    pk, pr = _pools(fmt, gen)
+    inputs = [t.bfloat16() if t.dtype == torch.float32 and i != 3 else t
+              for i, t in enumerate(_inputs(gen, 2, 100))]
+    sl = torch.tensor([3, 0], device=DEV, dtype=torch.int32)
+    ok = prefill_triton(*inputs, pk, sl, fmt, dot_precision="bf16")
+    ref = chunk_prefill(*inputs, pr, sl, fmt, force="torch")
+    assert ok.dtype == torch.bfloat16
+    assert (ok.float() - ref.float()).abs().max() <= 3e-2 * ref.float().abs().max()
+    d = (pk.codes - pr.codes)[[3, 0]].abs().max()
+    assert d <= 2e-2 * pr.codes[[3, 0]].abs().max()
