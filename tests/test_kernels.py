@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import zlib
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,8 @@ from gdn2q.kernels import (
 )
 from gdn2q.kernels.reference import gates  # noqa: E402
 from gdn2q.ops.naive import gdn2_step, prepare_qk  # noqa: E402
-from gdn2q.quant.state import QMAX, StateQuantConfig, quantize_state  # noqa: E402
+from gdn2q.quant.state import QMAX, StateQuantConfig  # noqa: E402
+from tests.pools import pool_pair
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 B, HQ, HV, K, V, P = 3, 1, 2, 32, 32, 5
@@ -35,19 +35,7 @@ SLOTS = [3, -1, 0]                       # slot -1 is padding; slots 1, 2, 4 mus
 
 
 def _fill_pool(fmt: StateQuantConfig, gen: torch.Generator):
-    """Two identical pools holding a random stored state (one for the kernel, one for the reference)."""
-    s0 = torch.randn(P, HV, K, V, generator=gen) * 2
-    init = quantize_state(s0, replace(fmt, scales="dynamic"), generator=gen)
-    if init.residual is not None:
-        init.residual.copy_(torch.randint(-100, 100, init.residual.shape, generator=gen).to(init.residual.dtype))
-    pools = []
-    for _ in range(2):
-        p = new_state_pool(P, HV, K, V, fmt, DEV)
-        for dst, src in ((p.codes, init.codes), (p.scales, init.scales), (p.residual, init.residual)):
-            if dst is not None:
-                dst.copy_(src)
-        pools.append(p)
-    return pools
+    return pool_pair(fmt, gen, P, HV, K, V, DEV)
 
 
 def _step_inputs(gen: torch.Generator, T: int | None = None):

@@ -8,14 +8,13 @@ chunk, decays strong enough to overflow any quotient of decays, padding slots an
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
-from gdn2q.kernels import chunk_prefill, new_state_pool
+from gdn2q.kernels import chunk_prefill
 from gdn2q.kernels.prefill import prefill_triton
-from gdn2q.quant.state import StateQuantConfig, quantize_state
+from gdn2q.quant.state import StateQuantConfig
+from tests.pools import pool_pair
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 HQ, HV, K, V, P = 2, 4, 32, 32, 4
@@ -23,19 +22,7 @@ REL = 2e-3 if DEV == "cuda" else 2e-5          # tf32x3 on the GPU; fp32 under t
 
 
 def _pools(fmt: StateQuantConfig, gen: torch.Generator):
-    """Two identical pools of random stored states (kernel, reference); error feedback gets a random residual."""
-    init = quantize_state(torch.randn(P, HV, K, V, generator=gen) * 2, replace(fmt, scales="dynamic"),
-                          generator=gen)
-    if init.residual is not None:
-        init.residual.copy_(torch.randint(-100, 100, init.residual.shape, generator=gen).to(init.residual.dtype))
-    pools = []
-    for _ in range(2):
-        p = new_state_pool(P, HV, K, V, fmt, DEV)
-        for dst, src in ((p.codes, init.codes), (p.scales, init.scales), (p.residual, init.residual)):
-            if dst is not None:
-                dst.copy_(src)
-        pools.append(p)
-    return pools
+    return pool_pair(fmt, gen, P, HV, K, V, DEV)
 
 
 def _inputs(gen: torch.Generator, B: int, T: int):

@@ -4,8 +4,8 @@ A program owns one (sequence, value head) state tile [K, V] at a time: it applie
 GDN2_SPEC.md 1.3 in fp32 registers (optionally computing the gates from pre-activations and L2-normalising
 q/k), writes the output and stores the tile back in place in the pool's format. The state is the only large
 operand, so the step moves ~2x the stored state bytes and little else. The grid is persistent: each program
-walks tiles pid, pid + nprog, ... and issues the loads of its next tile before it works on the current one,
-so the state reads stay in flight behind the arithmetic.
+walks tiles pid, pid + nprog, ...; the int8/fp8 kernel issues the loads of its next tile before it works on
+the current one, so the state reads stay in flight behind the arithmetic.
 
 Two kernels share that structure: ``_decode_kernel`` for fp32/bf16 tiles (which may split V across tiles when
 there are few sequences) and ``_decode8_kernel`` for int8/fp8 codes, which works on 32-bit words of four
@@ -102,30 +102,19 @@ def _decode_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, w_ptr, alog_ptr, dtb_ptr, o_ptr,
     codes_ptr, scales_ptr, res_ptr, static_ptr, slots_ptr, seed_ptr, scale, n_tiles,
     HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-    FUSED: tl.constexpr, NEG_EIG: tl.constexpr, L2NORM: tl.constexpr, PREFETCH: tl.constexpr,
+    FUSED: tl.constexpr, NEG_EIG: tl.constexpr, L2NORM: tl.constexpr,
     MODE: tl.constexpr, ROW: tl.constexpr, ROUND: tl.constexpr, STATIC: tl.constexpr,
 ):
-    """The decode step for fp32/bf16 tiles [K, BV] (PREFETCH: hold the next tile while updating this one)."""
+    """The decode step for fp32/bf16 tiles [K, BV]. Holding the next tile while updating this one made bf16
+    slower on the H200 (its registers), so these tiles are loaded where they are used."""
     NPV: tl.constexpr = V // BV
     ok = tl.arange(0, K)
     ov = tl.arange(0, BV)
     offs = ok[:, None] * V + ov[None, :]
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    if PREFETCH:
-        _, _, pv_n, valid_n, head_n = _tile_of(pid, n_tiles, slots_ptr, HV, NPV)
-        c_n, sc_n, res_n = load_tile(codes_ptr + head_n * (K * V) + pv_n * BV, scales_ptr, res_ptr, offs, ok,
-                                     valid_n, MODE, ROW, ROUND)
-    for t in range(pid, n_tiles, nprog):
+    for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         bi, hv, pv, valid, head = _tile_of(t, n_tiles, slots_ptr, HV, NPV)
         tile = head * (K * V) + pv * BV
-        if PREFETCH:
-            c, sc = c_n, sc_n
-            _, _, pv_n, valid_n, head_n = _tile_of(t + nprog, n_tiles, slots_ptr, HV, NPV)
-            c_n, sc_n, res_n = load_tile(codes_ptr + head_n * (K * V) + pv_n * BV, scales_ptr, res_ptr, offs,
-                                         ok, valid_n, MODE, ROW, ROUND)
-        else:
-            c, sc, _ = load_tile(codes_ptr + tile, scales_ptr, res_ptr, offs, ok, valid, MODE, ROW, ROUND)
+        c, sc = load_tile(codes_ptr + tile, scales_ptr, offs, ok, valid, MODE, ROW)
         c = codes_to_float(c, MODE)
         q, k, g, b = _key_vectors(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, bi, hv, scale, HQ, HV, K,
                                   FUSED, NEG_EIG, L2NORM)
@@ -346,8 +335,7 @@ def decode_triton(
         res = pool.residual.view(torch.int32) if pool.residual is not None else words
         _decode8_kernel[(min(n_tiles, programs),)](*args, words, pool.scales, res, *tail, **meta)
     else:
-        _decode_kernel[(min(n_tiles, programs),)](*args, pool.codes, pool.codes, pool.codes, *tail, BV=BV,
-                                                   PREFETCH=False, **meta)
+        _decode_kernel[(min(n_tiles, programs),)](*args, pool.codes, pool.codes, pool.codes, *tail, BV=BV, **meta)
     return o
 
 

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 
 from gdn2q.kernels.fp8_linear import FP8, Fp8Rows, quantize_rows_reference
+from gdn2q.kernels.state_io import fp8_ulp, rne
+from gdn2q.model.norms import rms_normalize
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -48,16 +50,14 @@ def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor | None, weight: 
                            fp8: bool = False) -> torch.Tensor | Fp8Rows:
     if delta is not None:
         x.add_(delta)
-    xf = x.float()
-    return _out(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float(), x.dtype, fp8)
+    return _out(rms_normalize(x, weight, eps), x.dtype, fp8)
 
 
 def gated_rms_norm_reference(o: torch.Tensor, z: torch.Tensor, z_bias: torch.Tensor | None, weight: torch.Tensor,
                              eps: float, activation: str, fp8: bool = False) -> torch.Tensor | Fp8Rows:
-    of = o.float()
-    n = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    n = rms_normalize(o, weight, eps)
     zf = z.float() if z_bias is None else z.float() + z_bias.float()
-    zf = zf.reshape(of.shape)
+    zf = zf.reshape(n.shape)
     gate = torch.sigmoid(zf) if activation == "sigmoid" else F.silu(zf)
     return _out((n * gate).flatten(-2), o.dtype, fp8)
 
@@ -89,13 +89,8 @@ def _e4m3_rne(y):
     tests run on drops mantissa carries in its own fp32 -> fp8 cast (7.9 -> 4.0). A few ALU ops in a
     memory-bound kernel cost nothing on the GPU.
     """
-    e = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    e = tl.maximum(e, -6) - 3                                  # log2 of the e4m3 step at |y| (subnormals: 2^-9)
-    up = ((127 - e) << 23).to(tl.float32, bitcast=True)        # 2^-e
-    down = ((127 + e) << 23).to(tl.float32, bitcast=True)      # 2^e
-    t = y * up                                                 # |t| <= 16
-    t = (t + 12582912.0) - 12582912.0                          # + 1.5 * 2^23: fp32 rounds to an integer, ties even
-    return t * down
+    ulp = fp8_ulp(y)
+    return rne(y / ulp) * ulp
 
 
 @triton.jit

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from gdn2q.kernels.state_io import FP8_QMAX, INT8_QMAX, INTERPRETED, RNE_MAGIC, _fp8_ulp, _rne
+from gdn2q.kernels.state_io import FP8_QMAX, INT8_QMAX, INTERPRETED, RNE_MAGIC, fp8_ulp, rne
 
 INT8_BIAS: tl.constexpr = tl.constexpr(8388736.0)         # 2^23 + 128: float of bits 0x4B000000 | (c ^ 0x80)
 
@@ -83,11 +83,11 @@ def code_byte(y, u, MODE: tl.constexpr, ROUND: tl.constexpr, CLAMP: tl.constexpr
         c = f - RNE_MAGIC
     else:
         if ROUND == 1:
-            y = y + (u - 0.5) * _fp8_ulp(y)
+            y = y + (u - 0.5) * fp8_ulp(y)
         if INTERPRETED:  # the interpreter's cast drops the carry into the exponent: round on the grid first
             y = tl.minimum(tl.maximum(y, -FP8_QMAX), FP8_QMAX)
-            ulp = _fp8_ulp(y)
-            y = _rne(y / ulp) * ulp
+            ulp = fp8_ulp(y)
+            y = rne(y / ulp) * ulp
         e = y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
         bits = e.to(tl.int8, bitcast=True).to(tl.int32)
         c = e.to(tl.float32)

@@ -38,13 +38,13 @@ def format_constexprs(fmt: StateQuantConfig) -> dict[str, int]:
 
 
 @triton.jit
-def _rne(y):
+def rne(y):
     """Round half to even, as torch.round does, for |y| < 2^22."""
     return (y + RNE_MAGIC) - RNE_MAGIC
 
 
 @triton.jit
-def _fp8_ulp(y):
+def fp8_ulp(y):
     """Spacing of the e4m3 grid at |y| (2^-9 below 2^-6), from the exponent bits (exact, unlike log2)."""
     a = tl.maximum(tl.abs(y), 0.015625)
     e = (a.to(tl.int32, bitcast=True) >> 23) & 0xFF
@@ -61,16 +61,16 @@ def _round_codes(y, u, MODE: tl.constexpr, ROUND: tl.constexpr, CLAMP: tl.conste
         if ROUND == 1:
             c = tl.floor(y + u)
         else:
-            c = _rne(y)
+            c = rne(y)
         if CLAMP:
             c = tl.minimum(tl.maximum(c, -INT8_QMAX), INT8_QMAX)
     else:
         if ROUND == 1:
-            y = y + (u - 0.5) * _fp8_ulp(y)
+            y = y + (u - 0.5) * fp8_ulp(y)
         y = tl.minimum(tl.maximum(y, -FP8_QMAX), FP8_QMAX)
         if INTERPRETED:  # the interpreter's cast drops the carry into the exponent: round on the grid first
-            ulp = _fp8_ulp(y)
-            y = _rne(y / ulp) * ulp
+            ulp = fp8_ulp(y)
+            y = rne(y / ulp) * ulp
         c = y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32)
     return c
 
@@ -95,13 +95,11 @@ def tile_mask(valid, offs):
 
 
 @triton.jit
-def load_tile(codes_ptr, scales_ptr, res_ptr, offs, ok, valid, MODE: tl.constexpr, ROW: tl.constexpr,
-              ROUND: tl.constexpr):
-    """(stored codes [BK, BV] as stored, per-row fp32 scales [BK], residual codes or 0) of one tile.
+def load_tile(codes_ptr, scales_ptr, offs, ok, valid, MODE: tl.constexpr, ROW: tl.constexpr):
+    """(stored codes [BK, BV] in their storage dtype, per-row fp32 scales [BK]) of one tile.
 
-    Codes stay in their storage dtype (a quarter of the registers for int8/fp8) so a kernel can hold the
-    next tile while it works on this one; :func:`codes_to_float` widens them where they are used. Nothing
-    is read where ``valid`` is false. Scales are 1 for unquantized states.
+    :func:`codes_to_float` widens the codes where they are used. Nothing is read where ``valid`` is false.
+    Scales are 1 for unquantized states.
     """
     c = tl.load(codes_ptr + offs, mask=tile_mask(valid, offs))
     if MODE >= 2:
@@ -111,10 +109,7 @@ def load_tile(codes_ptr, scales_ptr, res_ptr, offs, ok, valid, MODE: tl.constexp
             sc = tl.load(scales_ptr + ok * 0, mask=tile_mask(valid, ok), other=0.0)
     else:
         sc = tl.full(ok.shape, 1.0, dtype=tl.float32)
-    res = 0
-    if ROUND == 2:
-        res = tl.load(res_ptr + offs, mask=tile_mask(valid, offs))
-    return c, sc, res
+    return c, sc
 
 
 @triton.jit
@@ -203,7 +198,7 @@ def load_codes(codes_ptr, scales_ptr, offs, ok, MODE: tl.constexpr, ROW: tl.cons
 
     codes_ptr/scales_ptr point at this tile's first code and first scale; offs are [BK, BV] tile offsets.
     """
-    c, sc, _ = load_tile(codes_ptr, scales_ptr, codes_ptr, offs, ok, tl.program_id(0) >= 0, MODE, ROW, 0)
+    c, sc = load_tile(codes_ptr, scales_ptr, offs, ok, tl.program_id(0) >= 0, MODE, ROW)
     return codes_to_float(c, MODE), sc
 
 
