@@ -98,12 +98,18 @@ def test_decode_step_matches_reference(fmt: StateQuantConfig):
     _assert_states_close(pk, pr, fmt, SLOTS)
 
 
-@pytest.mark.parametrize("fmt,block_v", [(StateQuantConfig("fp32"), 16), (StateQuantConfig("int8"), None),
-                                         (StateQuantConfig("fp8", rounding="error-feedback"), None)],
-                         ids=["fp32-split-v", "int8", "fp8-ef"])
-def test_decode_persistent_grid_walks_every_tile(fmt: StateQuantConfig, block_v: int | None):
-    """One program per multiprocessor (4 under the interpreter) for 6 or 12 tiles: each program prefetches
-    and updates several tiles in turn, padding included."""
+@pytest.mark.parametrize("fmt,block_v,launch", [
+    (StateQuantConfig("fp32"), 16, {}), (StateQuantConfig("int8"), None, {}),
+    (StateQuantConfig("fp8", rounding="error-feedback"), None, {}),
+    (StateQuantConfig("int8", granularity="head"), None, {"block_k": 4, "unroll": 2, "num_warps": 1}),
+    (StateQuantConfig("fp8"), None, {"block_k": 8, "num_warps": 2, "unroll": 4}),
+    (StateQuantConfig("int8", rounding="error-feedback"), None, {"block_k": 16, "num_warps": 1}),
+    (StateQuantConfig("fp8", scales="static"), None, {"block_k": 8, "stages": 3})],
+    ids=["fp32-split-v", "int8", "fp8-ef", "int8-head-bk4-unroll2", "fp8-bk8-unroll4", "int8-ef-bk16",
+         "fp8-static-bk8"])
+def test_decode_persistent_grid_walks_every_tile(fmt: StateQuantConfig, block_v: int | None, launch: dict):
+    """One program per multiprocessor (4 under the interpreter) for 6 or 12 tiles: each program updates
+    several tiles in turn, padding included, for any block of key rows and unrolling of the int8/fp8 passes."""
     from gdn2q.kernels.decode import decode_triton
 
     gen = torch.Generator().manual_seed(11)
@@ -111,8 +117,10 @@ def test_decode_persistent_grid_walks_every_tile(fmt: StateQuantConfig, block_v:
     slots = torch.tensor(SLOTS, device=DEV)
     inputs = _step_inputs(gen)
     out = torch.full((B, HV, V), float("nan"), device=DEV)
-    decode_triton(*inputs, pk, slots, fmt, out=out, block_v=block_v, programs_per_sm=1)
-    ref = decode_step(*inputs, pr, slots, fmt, force="torch")
+    static = (torch.rand(HV, K, generator=gen) * 0.05 + 0.01).to(DEV) if fmt.scales == "static" else None
+    decode_triton(*inputs, pk, slots, fmt, out=out, block_v=block_v, programs_per_sm=1, static_scales=static,
+                  **launch)
+    ref = decode_step(*inputs, pr, slots, fmt, force="torch", static_scales=static)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     _assert_states_close(pk, pr, fmt, SLOTS)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gdn2q.kernels import glue
+from gdn2q.kernels.reference import gates
 
 pytestmark = pytest.mark.skipif(not glue.use_triton(torch.empty(0, device="cuda" if torch.cuda.is_available()
                                                                  else "cpu")), reason="Triton cannot run here")
@@ -75,6 +76,22 @@ def test_add_rms_norm_keeps_the_residual_in_bf16():
     torch.testing.assert_close(got, ref)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("S", [1, 3])
+def test_add_rms_norm_sums_split_k_partials(S: int, fp8: bool):
+    """delta as the fp32 partial sums [S, M, D] of a split-K fp8 GEMM: summed in fp32, x rounded once."""
+    x = _rand(3, 96, seed=17, dtype=torch.bfloat16)
+    parts, w = _rand(S, 3, 96, seed=18), _rand(96, seed=19)
+    x0, x_ref = x.clone(), x.clone()
+    got = glue.add_rms_norm(x, parts, w, 1e-6, fp8)
+    glue.add_rms_norm_reference(x_ref, parts, w, 1e-6, fp8)
+    torch.testing.assert_close(x_ref, (x0.float() + parts.sum(0)).bfloat16(), rtol=0, atol=0)
+    assert x.dtype == torch.bfloat16
+    torch.testing.assert_close(x, x_ref)   # bf16 tolerance: the interpreter's fp32 -> bf16 cast is not RNE
+    # the norm of the x it wrote (a bf16 output gets bf16 tolerance, as x)
+    _same(got, glue.add_rms_norm_reference(x.clone(), None, w, 1e-6, fp8), tol=1e-5 if fp8 else 2 ** -7)
+
+
 @pytest.mark.parametrize(("activation", "bias", "fp8"), [("sigmoid", True, False), ("swish", False, True)])
 def test_gated_rms_norm_rows(activation: str, bias: bool, fp8: bool):
     M, HV, V = 3, 3, 16                                   # HV not a power of two: masked head rows
@@ -106,3 +123,21 @@ def test_decode_inputs(conv_bias: bool, W: int):
     for g, r in zip(got, ref, strict=True):
         assert g.is_contiguous() and g.shape == r.shape
         _same(g, r)
+
+
+@pytest.mark.parametrize("neg", [False, True])
+def test_decode_inputs_with_gates(neg: bool):
+    """With A_log/dt_bias the kernel emits the fp32 gates g, b, w of kernels.reference.gates (GVA heads of 16)."""
+    B, kd, vd, W = 2, 32, 64, 4
+    C = 2 * kd + vd
+    y1 = _rand(B, 3 * kd + 2 * vd + 7, seed=22)
+    y2 = _rand(B, kd + 16, seed=23)
+    win, taps = _rand(B, C, W, seed=24), _rand(C, W, seed=25)
+    A_log, dt_bias = _rand(kd // 16, seed=26).abs(), _rand(kd, seed=27)
+    win_ref = win.clone()
+    got = glue.decode_inputs(y1, y2, win, taps, None, kd, vd, A_log, dt_bias, neg)
+    q, k, v, f, b, w = glue.decode_inputs_reference(y1, y2, win_ref, taps, None, kd, vd)
+    g_ref, b_ref, w_ref = gates(f.view(B, 2, 16), b.view(B, 2, 16), w, A_log, dt_bias, neg)
+    for x, r in zip(got, (q, k, v, g_ref.flatten(1), b_ref.flatten(1), w_ref), strict=True):
+        assert x.is_contiguous() and x.shape == r.shape and x.dtype == r.dtype
+        torch.testing.assert_close(x.float(), r.float(), rtol=1e-5, atol=1e-6)

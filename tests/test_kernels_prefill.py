@@ -1,9 +1,9 @@
 """The chunked Triton prefill (gdn2q.kernels.prefill) against the PyTorch reference.
 
-Under the CPU interpreter (no CUDA) the kernels multiply in fp32 whatever the requested precision, so the
-comparison is tight; the bf16-operand path needs a GPU (tools/gpu_check_kernels.py). Shapes are small
-(K = V = 32) but exercise what the full shapes rely on: several V blocks, GVA head sharing, a partial last
-chunk, decays strong enough to overflow any quotient of decays, padding slots and untouched pool rows.
+Under the CPU interpreter (no CUDA) the kernels multiply in fp32 whatever the requested precision (bf16 operands
+are rounded first), so the comparison is tight; the tensor-core rounding needs a GPU (tools/gpu_check_kernels.py).
+Shapes are small (K = V = 32) but exercise what the full shapes rely on: several V blocks, GVA head sharing, a
+partial last chunk, decays strong enough to overflow any quotient of decays, padding slots and untouched pool rows.
 """
 
 from __future__ import annotations
@@ -110,3 +110,30 @@ def test_bf16_operand_path():
     assert (ok.float() - ref.float()).abs().max() <= 3e-2 * ref.float().abs().max()
     d = (pk.codes - pr.codes)[[3, 0]].abs().max()
     assert d <= 2e-2 * pr.codes[[3, 0]].abs().max()
+
+
+def _bf16_inputs(gen: torch.Generator, B: int, T: int):
+    """As deployed: bf16 q, k, v, b, w and an fp32 decay."""
+    return [t.bfloat16() if i != 3 else t for i, t in enumerate(_inputs(gen, B, T))]
+
+
+@pytest.mark.parametrize("fmt", [StateQuantConfig("fp32"), StateQuantConfig("int8")], ids=["fp32", "int8"])
+def test_mixed_precision_keeps_the_state_exact(fmt):
+    """dot_precision="mixed" (the default for bf16 inputs): bf16 products and intermediates for the output, split
+    products with hi + lo stored Y / Ktail for everything that reaches S_T. The output is held to bf16 accuracy,
+    the fp32 state to 1e-4 (the "bf16" path is ~100x further off) and the int8 state to one step."""
+    gen = torch.Generator().manual_seed(3)
+    pk, pr = _pools(fmt, gen)
+    pb = _pools(fmt, torch.Generator().manual_seed(3))[0]
+    inputs = _bf16_inputs(gen, 2, 150)
+    sl = torch.tensor([3, 1], device=DEV, dtype=torch.int32)
+    ok = chunk_prefill(*inputs, pk, sl, fmt, force="triton")                       # the default for bf16
+    ref = chunk_prefill(*inputs, pr, sl, fmt, force="torch")
+    assert (ok.float() - ref.float()).abs().max() <= 3e-2 * ref.float().abs().max()
+    if fmt.dtype == "fp32":
+        d = (pk.codes - pr.codes)[[3, 1]].abs().max() / pr.codes[[3, 1]].abs().max()
+        assert d <= 1e-4
+        prefill_triton(*inputs, pb, sl, fmt, dot_precision="bf16")
+        assert (pb.codes - pr.codes)[[3, 1]].abs().max() / pr.codes[[3, 1]].abs().max() > 10 * d
+    else:
+        _check_states(pk, pr, fmt, [3, 1])

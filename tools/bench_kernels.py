@@ -22,10 +22,11 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))          # gpu_check_kernels, for its state error
 
 from gdn2q.kernels import new_state_pool  # noqa: E402
-from gdn2q.kernels.decode import decode_triton  # noqa: E402
-from gdn2q.kernels.prefill import prefill_triton  # noqa: E402
+from gdn2q.kernels.decode import decode_triton, launch_tier  # noqa: E402
+from gdn2q.kernels.prefill import default_dot, prefill_triton  # noqa: E402
 from gdn2q.quant.state import StateQuantConfig  # noqa: E402
 
 H, K, V = 16, 128, 128
@@ -79,26 +80,69 @@ def _pool(B: int, fmt: StateQuantConfig):
     return pool
 
 
-DECODE_VARIANTS = ((4, 1), (4, 2), (4, 3), (8, 1), (8, 2))     # (num_warps, programs per multiprocessor)
+def _variants(keys: str, *values: tuple) -> list[dict]:
+    return [dict(zip(keys.split(), v, strict=True)) for v in values]
 
 
-def _decode_us(B: int, fmt: StateQuantConfig, flat, variant: tuple[int, int] | None) -> float:
+# launch variants swept by --tune (decode_triton keyword arguments), per kind of state
+DECODE_VARIANTS = {
+    "float": _variants("num_warps block_v programs_per_sm stages", (4, 64, 4, 1), (2, 32, 8, 1), (2, 32, 10, 1),
+                       (2, 16, 16, 1), (4, 32, 8, 1)),
+    "quantized": _variants("num_warps block_k unroll stages programs_per_sm", (1, 4, 4, 1, 24), (1, 4, 4, 1, 32),
+                           (1, 4, 2, 1, 24), (1, 8, 2, 1, 12), (1, 8, 2, 1, 16), (2, 8, 4, 1, 12),
+                           (4, 16, 2, 1, 6), (4, 128, 1, 1, 2)),
+}
+
+
+def _decode_us(B: int, fmt: StateQuantConfig, flat, variant: dict | None) -> float:
     slots = torch.randperm(B, device="cuda").to(torch.int32)
-    nw, per_sm = variant or (None, None)
-    return graph_us(partial(decode_triton, *flat, _pool(B, fmt), slots, fmt, num_warps=nw, programs_per_sm=per_sm))
+    return graph_us(partial(decode_triton, *flat, _pool(B, fmt), slots, fmt, **(variant or {})))
 
 
-def tune_decode() -> tuple[dict, list[dict]]:
-    """(num_warps, programs per SM) per (state, few/many sequences), timed at B=1 and B=256."""
+def _variant_error(B: int, fmt: StateQuantConfig, flat, variant: dict) -> float:
+    """Worst disagreement of one step's stored state with the reference, as tools/gpu_check_kernels.py
+    measures it: in grid steps (int8/fp8/bf16; one step passes) or relative (fp32; 1e-3 passes)."""
+    from gpu_check_kernels import state_error
+
+    from gdn2q.kernels import decode_step
+
+    slots = torch.randperm(B, device="cuda")
+    kern = _pool(B, fmt)
+    ref = new_state_pool(B, H, K, V, fmt, "cuda")
+    for a, b in ((ref.codes, kern.codes), (ref.scales, kern.scales), (ref.residual, kern.residual)):
+        if a is not None:
+            a.copy_(b)
+    decode_triton(*flat, kern, slots, fmt, **variant)
+    decode_step(*flat, ref, slots, fmt, force="torch")
+    return state_error(kern, ref, fmt, slots)
+
+
+def _tier(B: int) -> str:
+    return launch_tier(B * H, torch.cuda.get_device_properties(0).multi_processor_count)
+
+
+def tune_decode(states=("fp32", "bf16", "int8", "fp8")) -> tuple[dict, list[dict]]:
+    """The fastest correct launch variant per (state, load tier), timed at B=1, 64 and 256 (one per tier)."""
     rows, best = [], {}
-    for B in (1, 256):
+    for B in (1, 64, 256):
         flat = [t[:, 0] for t in _decode_inputs(B)]
-        for name, fmt in STATES.items():
-            times = {var: _decode_us(B, fmt, flat, var) for var in DECODE_VARIANTS}
-            best[(name, B >= 64)] = min(times, key=times.get)
-            rows += [{"op": "decode", "B": B, "state": name, "num_warps": nw, "programs_per_sm": ps, "us": t}
-                     for (nw, ps), t in times.items()]
-            print(json.dumps(rows[-len(times):]), flush=True)
+        for name in states:
+            fmt = STATES[name]
+            times = {}
+            for var in DECODE_VARIANTS["quantized" if fmt.quantized else "float"]:
+                try:
+                    err = _variant_error(B, fmt, flat, var)
+                    us = _decode_us(B, fmt, flat, var)
+                except Exception as e:   # a variant that does not compile or launch is a failed row
+                    print(json.dumps({"B": B, "state": name, **var, "error": repr(e)[:200]}), flush=True)
+                    continue
+                rows.append({"op": "decode", "B": B, "state": name, **var, "us": us, "state_err": err})
+                print(json.dumps(rows[-1]), flush=True)
+                if err <= (1e-3 if fmt.dtype == "fp32" else 1.0001):
+                    times[json.dumps(var)] = us
+            best[(name, _tier(B))] = json.loads(min(times, key=times.get))
+            if name == "int8":
+                best[("int8-ef", _tier(B))] = best[(name, _tier(B))]
     return best, rows
 
 
@@ -196,7 +240,7 @@ def bench_decode(fla_fn, copy_gbps: float, variants: dict) -> list[dict]:
                                   use_qk_l2norm_in_kernel=True)) if fla_fn else None
         flat = [t[:, 0] for t in (q, k, v, g, b, w)]
         for name, fmt in STATES.items():
-            var = variants.get((name, B >= 64))
+            var = variants.get((name, _tier(B)))
             us = _decode_us(B, fmt, flat, var)
             nbytes = 2 * B * H * fmt.bytes_per_head(K, V)
             rows.append({"op": "decode", "B": B, "T": 1, "state": name, "us": us, "fla_us": fla_us,
@@ -211,7 +255,8 @@ def bench_decode(fla_fn, copy_gbps: float, variants: dict) -> list[dict]:
 
 
 def bench_prefill(fla_fn, copy_gbps: float, variant: dict) -> list[dict]:
-    """gdn2q's prefill (bf16 products, int8 and fp32 final state; bf16x3 / tf32x3 at 1x8192) against fla.
+    """gdn2q's prefill (default "mixed" products, int8 and fp32 final state; bf16 / bf16x3 / tf32x3 at 1x8192)
+    against fla. Each row's state label ends in its dot_precision.
 
     ``us`` is do_bench of back-to-back calls (host overhead included, as fla's numbers in TARGETS.md);
     ``graph_us`` replays the same call from a CUDA graph (device time only) for both.
@@ -225,13 +270,14 @@ def bench_prefill(fla_fn, copy_gbps: float, variant: dict) -> list[dict]:
             fla = partial(fla_fn, *inputs, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True)
             fla_us = do_bench(fla, warmup=25, rep=200, return_mode="median") * 1e3
             fla_graph_us = _graph_or_none(fla)
-        extra = [("int8", "bf16x3"), ("int8", "tf32x3")] if (B, T) == (1, 8192) else []
+        extra = [("int8", d) for d in ("bf16", "bf16x3", "tf32x3")] if (B, T) == (1, 8192) else []
         runs = [("int8", None), ("fp32", None)] + extra
         for name, dot in runs:
             var = {**variant, **({"dot_precision": dot} if dot else {})}
+            label = var.get("dot_precision") or default_dot(inputs[0].dtype)
             us = _prefill_us(inputs, STATES[name], **var)
             gus = _graph_or_none(_prefill_call(inputs, STATES[name], **var))
-            rows.append({"op": "prefill", "B": B, "T": T, "state": name + (f"-{dot}" if dot else ""), "us": us,
+            rows.append({"op": "prefill", "B": B, "T": T, "state": f"{name}-{label}", "us": us,
                          "fla_us": fla_us, "speedup": fla_us / us if fla_us else None, "graph_us": gus,
                          "fla_graph_us": fla_graph_us,
                          "graph_speedup": fla_graph_us / gus if fla_graph_us and gus else None,
@@ -242,19 +288,24 @@ def bench_prefill(fla_fn, copy_gbps: float, variant: dict) -> list[dict]:
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
+    """The table of a run. Prefill rows also give both sides replayed from a CUDA graph (device time only):
+    back-to-back calls include host launch overhead, which dominates fla's many small launches."""
     def f(x, p=1):
         return "-" if x is None else f"{x:.{p}f}"
 
     lines = [f"# gdn2q kernels vs fla {meta['versions'].get('fla')} on {meta['card']}", "",
              f"torch {meta['versions']['torch']}, triton {meta['versions']['triton']}; device copy bandwidth "
              f"{meta['copy_GBps']:.0f} GB/s (read+write). H=16, K=V=128, one layer; decode timed as CUDA-graph "
-             "replays, medians of triton.testing.do_bench.", "",
-             "| op | B | T | state | µs | fla µs | speedup | state GB/s | % of copy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "replays, prefill as back-to-back calls (µs) and as CUDA-graph replays (graph µs); medians of "
+             "triton.testing.do_bench.", "",
+             "| op | B | T | state | µs | fla µs | speedup | graph µs | fla graph µs | graph speedup | state GB/s "
+             "| % of copy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pct = None if r["state_GBps"] is None else 100 * r["state_GBps"] / r["copy_GBps"]
         lines.append(f"| {r['op']} | {r['B']} | {r['T']} | {r['state']} | {f(r['us'])} | {f(r['fla_us'])} | "
-                     f"{f(r['speedup'], 2)} | {f(r['state_GBps'], 0)} | {f(pct, 0)} |")
+                     f"{f(r['speedup'], 2)} | {f(r.get('graph_us'))} | {f(r.get('fla_graph_us'))} | "
+                     f"{f(r.get('graph_speedup'), 2)} | {f(r['state_GBps'], 0)} | {f(pct, 0)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -264,6 +315,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("decode", "prefill"), default=None)
     ap.add_argument("--tune", action="store_true",
                     help="time launch-parameter variants first and use the fastest in the table")
+    ap.add_argument("--states", nargs="+", default=["fp32", "bf16", "int8", "fp8"], help="states --tune sweeps")
     ap.add_argument("--prefill-variant", help=argparse.SUPPRESS)   # child process of tune_prefill
     args = ap.parse_args()
     if args.prefill_variant:
@@ -280,7 +332,7 @@ def main() -> None:
     print(f"copy {copy_gbps:.0f} GB/s", flush=True)
     rows, tuning = [], []
     if args.only in (None, "decode"):
-        variants, t_rows = tune_decode() if args.tune else ({}, [])
+        variants, t_rows = tune_decode(args.states) if args.tune else ({}, [])
         tuning += t_rows
         rows += bench_decode(fused_recurrent_gdn2, copy_gbps, variants)
     if args.only in (None, "prefill"):

@@ -2,12 +2,14 @@
 
 :class:`KernelLM` runs the model's weights as a serving engine would: the projections that read the same
 input are concatenated into one weight per layer (q|k|v|b|w plus the first low-rank layers of f_proj and
-g_proj; MLP gate|up), so each is one GEMM, or one fp8 ``_scaled_mm`` whose activation codes come straight out
-of the preceding norm kernel. The recurrence runs through :func:`gdn2q.kernels.decode_step` (gates fused in
-the kernel, state pool updated in place) and :func:`gdn2q.kernels.chunk_prefill`; the glue around it is the
-one-launch kernels of :mod:`gdn2q.kernels.glue`. Both recipes share all of it, so bf16 weights + fp32 state is
-a fair baseline. On CUDA the whole decode step of all layers is captured in one CUDA graph, as a serving loop
-would replay it. Models with attention layers are not supported on this path.
+g_proj; MLP gate|up), so each is one GEMM, or one fp8 GEMM (:func:`gdn2q.kernels.fp8_linear.fp8_matmul`) whose
+activation codes come straight out of the preceding norm kernel. o_proj and down feed only the next residual
+add, so in fp8 they may return split-K partial sums, which that add_rms_norm launch sums. The recurrence
+runs through :func:`gdn2q.kernels.decode_step` (gates fused in the kernel, state pool updated in place) and
+:func:`gdn2q.kernels.chunk_prefill`; the glue around it is the one-launch kernels of :mod:`gdn2q.kernels.glue`.
+Both recipes share all of it, so bf16 weights + fp32 state is a fair baseline. On CUDA the whole decode step
+of all layers is captured in one CUDA graph, as a serving loop would replay it. Models with attention layers are
+not supported on this path.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ class FusedLinear:
         self.fp8, self.dtype = fp8, w.dtype
         self.weight, self.scales = quantize_weight_fp8(w) if fp8 else (w, None)
 
-    def __call__(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor | Fp8Rows, partials: bool = False) -> torch.Tensor:
+        """[M, N]; with ``partials`` an fp8 product may be fp32 split-K partials [S, M, N] (add_rms_norm sums them)."""
         if self.fp8:
-            return fp8_matmul(*x, self.weight, self.scales, self.dtype)
+            return fp8_matmul(*x, self.weight, self.scales, self.dtype, partials=partials)
         return F.linear(x, self.weight)
 
 
@@ -116,16 +119,18 @@ class KernelLM:
                         for _ in range(c.num_hidden_layers)]
 
     def _block(self, i: int, x: torch.Tensor, delta: torch.Tensor | None, mixer) -> torch.Tensor:
-        """Block i on residual rows x [M, d] (``x += delta`` first, in place); returns its MLP output, which the
-        next norm adds. ``mixer(i, L, y1, y2)`` runs the recurrence on the fused projections -> o [M, HV, V]."""
+        """Block i on residual rows x [M, d] (``x += delta`` first, in place); returns its MLP output (maybe as
+        split-K partials [S, M, d]), which the next norm adds. ``mixer(i, L, y1, y2)`` runs the recurrence on the
+        fused projections -> o [M, HV, V]."""
         c, fp8, L = self.c, self.fp8, self.layers[i]
         y1 = L.in_proj(add_rms_norm(x, delta, L.attn_norm, c.norm_eps, fp8))
         r0 = 3 * c.key_dim + 2 * c.value_dim
         y2 = F.linear(y1[:, r0:r0 + 2 * c.head_v_dim], L.low_rank)
         o = mixer(i, L, y1, y2)
         z = y2[:, c.key_dim:]
-        delta = L.o_proj(gated_rms_norm_rows(o, z, L.z_bias, L.o_norm, c.norm_eps, c.output_gate_activation, fp8))
-        return L.down(swiglu(L.gate_up(add_rms_norm(x, delta, L.mlp_norm, c.norm_eps, fp8)), fp8))
+        o = gated_rms_norm_rows(o, z, L.z_bias, L.o_norm, c.norm_eps, c.output_gate_activation, fp8)
+        delta = L.o_proj(o, partials=True)
+        return L.down(swiglu(L.gate_up(add_rms_norm(x, delta, L.mlp_norm, c.norm_eps, fp8)), fp8), partials=True)
 
     def _logits(self, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
         return self.model.lm_head(add_rms_norm(x, delta, self.model.model.norm.weight, self.c.norm_eps))
@@ -137,12 +142,13 @@ class KernelLM:
         B = ids.shape[0]
 
         def mixer(i: int, L: _Layer, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
-            q, k, v, f, b, w = decode_inputs(y1, y2, self.windows[i], L.taps, L.conv_bias, c.key_dim, c.value_dim)
+            # the gates come out of the conv kernel in fp32, once per channel (not once per row block)
+            q, k, v, g, b, w = decode_inputs(y1, y2, self.windows[i], L.taps, L.conv_bias, c.key_dim, c.value_dim,
+                                             L.A_log, L.dt_bias, c.allow_neg_eigval)
             qk = (B, c.num_heads, c.head_dim)
             vw = (B, c.value_heads, c.head_v_dim)
-            return decode_step(q.view(qk), k.view(qk), v.view(vw), f.view(qk), b.view(qk), w.view(vw), self.pools[i],
-                               self.slots, self.fmt, A_log=L.A_log, dt_bias=L.dt_bias,
-                               allow_neg_eigval=c.allow_neg_eigval)
+            return decode_step(q.view(qk), k.view(qk), v.view(vw), g.view(qk), b.view(qk), w.view(vw), self.pools[i],
+                               self.slots, self.fmt)
 
         x, delta = self.model.model.embeddings(ids), None
         for i in range(len(self.layers)):
@@ -172,7 +178,7 @@ class KernelLM:
         x, delta = self.model.model.embeddings(ids).flatten(0, 1), None
         for i in range(len(self.layers)):
             delta = self._block(i, x, delta, mixer)
-        x.add_(delta)
+        x.add_(delta.sum(0) if delta.dim() == 3 else delta)   # fp32 partials: x rounds once, as in add_rms_norm
         return self._logits(x.view(B, T, -1)[:, -1].contiguous(), None)
 
 

@@ -4,12 +4,13 @@ A program owns one (sequence, value head) state tile [K, V] at a time: it applie
 GDN2_SPEC.md 1.3 in fp32 registers (optionally computing the gates from pre-activations and L2-normalising
 q/k), writes the output and stores the tile back in place in the pool's format. The state is the only large
 operand, so the step moves ~2x the stored state bytes and little else. The grid is persistent: each program
-walks tiles pid, pid + nprog, ...; the int8/fp8 kernel issues the loads of its next tile before it works on
-the current one, so the state reads stay in flight behind the arithmetic.
+walks tiles pid, pid + nprog, ..., and the launch (warps, block sizes, programs per multiprocessor) comes from
+the measured table ``LAUNCH``.
 
-Two kernels share that structure: ``_decode_kernel`` for fp32/bf16 tiles (which may split V across tiles when
-there are few sequences) and ``_decode8_kernel`` for int8/fp8 codes, which works on 32-bit words of four
-codes (:mod:`gdn2q.kernels.packed`) and needs whole rows per tile (row absmax).
+Two kernels share that structure: ``_decode_kernel`` for fp32/bf16 tiles (V split into narrow blocks) and
+``_decode8_kernel`` for int8/fp8 codes, which works on 32-bit words of four codes
+(:mod:`gdn2q.kernels.packed`), needs whole rows per tile (row absmax) and goes over the tile in two passes
+of row blocks.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2q.kernels.packed import code_byte, pack_bytes, pack_fp8, unpack_fp8_word, unpack_plane
+from gdn2q.kernels.packed import code_byte, pack_bytes, pack_fp8, unpack_fp8_word, unpack_int8_word, unpack_plane
 from gdn2q.kernels.state_io import (
     FP8_QMAX,
     FP8_RU,
@@ -34,9 +35,11 @@ from gdn2q.kernels.state_io import (
 )
 from gdn2q.quant.state import QuantizedState, StateQuantConfig
 
+D_TINY: tl.constexpr = tl.constexpr(1e-24)   # floor of a row's d = scale * exp(g) where the update divides by it
+
 
 @triton.jit
-def _softplus(x):
+def softplus(x):
     """torch.nn.functional.softplus (beta 1, linear above 20), without libdevice log1p."""
     sp = tl.log(1.0 + tl.exp(tl.minimum(x, 20.0)))
     sp = tl.where(x < -15.0, tl.exp(x), sp)
@@ -72,7 +75,7 @@ def _key_vectors(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, bi, hv, scale, H
     b = tl.load(b_ptr + off).to(tl.float32)
     if FUSED:  # g holds f = f_proj(x), b a pre-activation (GDN2_SPEC.md 1.2 steps 3-4)
         a = tl.exp(tl.load(alog_ptr + hq).to(tl.float32))
-        g = -a * _softplus(g + tl.load(dtb_ptr + hq * K + ok).to(tl.float32))
+        g = -a * softplus(g + tl.load(dtb_ptr + hq * K + ok).to(tl.float32))
         b = tl.sigmoid(b)
         if NEG_EIG:
             b = 2.0 * b
@@ -101,7 +104,7 @@ def _add2(a0, a1, b0, b1):
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, w_ptr, alog_ptr, dtb_ptr, o_ptr,
     codes_ptr, scales_ptr, res_ptr, static_ptr, slots_ptr, seed_ptr, scale, n_tiles,
-    HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+    HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, STAGES: tl.constexpr,
     FUSED: tl.constexpr, NEG_EIG: tl.constexpr, L2NORM: tl.constexpr,
     MODE: tl.constexpr, ROW: tl.constexpr, ROUND: tl.constexpr, STATIC: tl.constexpr,
 ):
@@ -111,7 +114,7 @@ def _decode_kernel(
     ok = tl.arange(0, K)
     ov = tl.arange(0, BV)
     offs = ok[:, None] * V + ov[None, :]
-    for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+    for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
         bi, hv, pv, valid, head = _tile_of(t, n_tiles, slots_ptr, HV, NPV)
         tile = head * (K * V) + pv * BV
         c, sc = load_tile(codes_ptr + tile, scales_ptr, offs, ok, valid, MODE, ROW)
@@ -133,13 +136,64 @@ def _decode_kernel(
 
 
 @triton.jit
-def _load_words(codes_ptr, scales_ptr, head, woffs, ok, valid, ROW: tl.constexpr, K: tl.constexpr,
-                W: tl.constexpr):
-    """Code words [K, W] and row scales [K] of one head's tile."""
-    wd = tl.load(codes_ptr + head * (K * W) + woffs, mask=tile_mask(valid, woffs))
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _stage_rows(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, scales_ptr, rows_ptr, qoff, hq, head, valid, scale,
+                K: tl.constexpr, FUSED: tl.constexpr, NEG_EIG: tl.constexpr, L2NORM: tl.constexpr,
+                ROW: tl.constexpr, MODE: tl.constexpr):
+    """Per-row terms of one tile, computed once (a row or a few per thread) and staged in the program's scratch
+    rows_ptr [5, K]; returns q . k (q, k normalised, q scaled).
+
+    Staged: the erase weights e = b k d and read weights p = q d of pass 1 (d = row scale * exp(g)), and for
+    pass 2 d floored at D_TINY (full decay or an empty row leaves k u; k / d stays finite), k / d and the
+    residual's unit over d (error feedback). The passes go over the tile in blocks of rows in a layout where
+    several threads share a row; computing these there cost every thread its rows' exponentials again in each
+    pass, which made up a tenth of the kernel's instructions.
+    """
+    ok = tl.arange(0, K)
+    q = tl.load(q_ptr + qoff + ok).to(tl.float32)
+    k = tl.load(k_ptr + qoff + ok).to(tl.float32)
+    g = tl.load(g_ptr + qoff + ok).to(tl.float32)
+    b = tl.load(b_ptr + qoff + ok).to(tl.float32)
     sc = tl.load(scales_ptr + head * (K if ROW else 1) + (ok if ROW else ok * 0), mask=tile_mask(valid, ok),
                  other=0.0)
-    return wd, sc
+    qq, kk, qk = tl.reduce((q * q, k * k, q * k), 0, _add3)     # one cross-warp round trip, not three
+    mq = scale
+    mk = 1.0
+    if L2NORM:
+        mq = scale * tl.rsqrt(qq + 1e-6)
+        mk = tl.rsqrt(kk + 1e-6)
+    q = q * mq
+    k = k * mk
+    if FUSED:  # g holds f = f_proj(x), b a pre-activation (GDN2_SPEC.md 1.2 steps 3-4)
+        a = tl.exp(tl.load(alog_ptr + hq).to(tl.float32))
+        g = -a * softplus(g + tl.load(dtb_ptr + hq * K + ok).to(tl.float32))
+        b = tl.sigmoid(b)
+        if NEG_EIG:
+            b = 2.0 * b
+    d = sc * tl.exp(g)
+    dc = tl.maximum(d, D_TINY)
+    tl.debug_barrier()          # the previous tile's passes have read the scratch
+    tl.store(rows_ptr + ok, b * k * d)
+    tl.store(rows_ptr + K + ok, q * d)
+    tl.store(rows_ptr + 2 * K + ok, dc)
+    tl.store(rows_ptr + 3 * K + ok, tl.fdiv(k, dc))   # 2 ulp: far inside the one-step tolerance of a code
+    tl.store(rows_ptr + 4 * K + ok, tl.fdiv(sc * (INT8_RU if MODE == 2 else FP8_RU), dc))
+    tl.debug_barrier()          # every thread's rows are staged
+    return qk * (mq * mk)
+
+
+@triton.jit
+def _unpack(wd, MODE: tl.constexpr):
+    """The four code planes of a tile of words, as fp32."""
+    if MODE == 2:
+        x0, x1, x2, x3 = unpack_int8_word(wd)
+    else:
+        x0, x1, x2, x3 = unpack_fp8_word(wd)
+    return x0, x1, x2, x3
 
 
 @triton.jit
@@ -148,62 +202,88 @@ def _add8(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7):
 
 
 @triton.jit
-def _plane_reads(x0, x1, x2, x3, e, p):
-    """Erase reads sum_i e_i x_ij and pre-write output reads sum_i p_i x_ij of the four planes.
+def _plane_update(x, kd, u, rs, J: tl.constexpr, rd, MODE: tl.constexpr, ROUND: tl.constexpr):
+    """Plane of the updated rows divided by their d: x + (k / d) u (+ residual * ru * old scale / d).
 
-    One eight-operand reduction, so the partial sums cross warps in a single shared-memory round trip
-    (separate tl.sum calls would each add a barrier).
+    The new state is d * this; keeping d out of the plane lets one multiply per element carry both d and
+    the new scale, and the row absmax is d * the plane's absmax (d >= 0).
     """
-    e2, p2 = e[:, None], p[:, None]
-    return tl.reduce((e2 * x0, e2 * x1, e2 * x2, e2 * x3, p2 * x0, p2 * x1, p2 * x2, p2 * x3), 0, _add8)
+    t = x + kd[:, None] * u[None, :]
+    if ROUND == 2:
+        t = t + unpack_plane(rs, J, MODE) * rd[:, None]
+    return t
 
 
 @triton.jit
-def _plane_write(x, d, k, u, rs, J: tl.constexpr, ru_sc, MODE: tl.constexpr, ROUND: tl.constexpr):
-    """Updated plane: decayed codes plus the rank-1 write (plus the stored residual, error feedback)."""
-    s = d[:, None] * x + k[:, None] * u[None, :]
+def _tile_pass(tile_words, res_words, rows_ptr, offs, m, rows, u0, u1, u2, u3, K: tl.constexpr, MODE: tl.constexpr,
+               ROUND: tl.constexpr):
+    """(d, the four planes of x + (k / d) u) of a block of rows, read again from the codes."""
+    wd = tl.load(tile_words + offs, mask=m)
+    d = tl.load(rows_ptr + 2 * K + rows)
+    kd = tl.load(rows_ptr + 3 * K + rows)
+    rs = 0
+    rd = kd
     if ROUND == 2:
-        s = s + unpack_plane(rs, J, MODE) * ru_sc[:, None]
-    return s
+        rs = tl.load(res_words + offs, mask=m)
+        rd = tl.load(rows_ptr + 4 * K + rows)
+    x0, x1, x2, x3 = _unpack(wd, MODE)
+    return (d, _plane_update(x0, kd, u0, rs, 0, rd, MODE, ROUND), _plane_update(x1, kd, u1, rs, 1, rd, MODE, ROUND),
+            _plane_update(x2, kd, u2, rs, 2, rd, MODE, ROUND), _plane_update(x3, kd, u3, rs, 3, rd, MODE, ROUND))
+
+
+@triton.jit
+def _abs_max4(t0, t1, t2, t3):
+    return tl.max(tl.maximum(tl.maximum(tl.abs(t0), tl.abs(t1)), tl.maximum(tl.abs(t2), tl.abs(t3))), axis=1)
 
 
 @triton.jit
 def _decode8_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, w_ptr, alog_ptr, dtb_ptr, o_ptr,
-    codes_ptr, scales_ptr, res_ptr, static_ptr, slots_ptr, seed_ptr, scale, n_tiles,
-    HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    codes_ptr, scales_ptr, res_ptr, static_ptr, slots_ptr, seed_ptr, scratch_ptr, scale, n_tiles,
+    HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr,
+    STAGES: tl.constexpr,
     FUSED: tl.constexpr, NEG_EIG: tl.constexpr, L2NORM: tl.constexpr,
     MODE: tl.constexpr, ROW: tl.constexpr, ROUND: tl.constexpr, STATIC: tl.constexpr,
 ):
-    """The decode step for int8/fp8 codes (see :mod:`gdn2q.kernels.packed`): one tile per (sequence, value
-    head), walked by a persistent grid that loads the next tile's code words before updating this one."""
-    W: tl.constexpr = V // 4
-    ok = tl.arange(0, K)
-    om = tl.arange(0, W)
-    woffs = ok[:, None] * W + om[None, :]
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    _, _, _, valid_n, head_n = _tile_of(pid, n_tiles, slots_ptr, HV, 1)
-    wd_n, sc_n = _load_words(codes_ptr, scales_ptr, head_n, woffs, ok, valid_n, ROW, K, W)
-    for t in range(pid, n_tiles, nprog):
-        bi, hv, _, valid, head = _tile_of(t, n_tiles, slots_ptr, HV, 1)
-        wd, sc = wd_n, sc_n
-        _, _, _, valid_n, head_n = _tile_of(t + nprog, n_tiles, slots_ptr, HV, 1)
-        wd_n, sc_n = _load_words(codes_ptr, scales_ptr, head_n, woffs, ok, valid_n, ROW, K, W)
+    """The decode step for int8/fp8 codes (see :mod:`gdn2q.kernels.packed`), one tile per (sequence, value
+    head), walked by a persistent grid, in two passes over blocks of BK key rows.
 
-        q, k, g, b = _key_vectors(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, bi, hv, scale, HQ, HV, K,
-                                  FUSED, NEG_EIG, L2NORM)
+    The tile's per-row terms are staged first (:func:`_stage_rows`, in scratch_ptr [programs, 5, K]). Pass 1
+    reads the code words and accumulates the erase and output reads elementwise ([BK, V/4]
+    accumulators, so each term is one FMA and the tile crosses warps in one reduction at the end); pass 2
+    reads the words again (now from L1/L2), applies the update and stores the new codes and row scales. Only
+    a row block of codes is live at a time (125 registers at 8-row blocks, against 255 for a kernel that held
+    the whole tile and prefetched the next), so many one-warp programs share a multiprocessor and hide each
+    other's memory latency. Head-granularity dynamic scales need the tile's absmax first: an extra pass.
+    """
+    W: tl.constexpr = V // 4
+    NK: tl.constexpr = K // BK
+    orow = tl.arange(0, BK)
+    om = tl.arange(0, W)
+    woffs = orow[:, None] * W + om[None, :]
+    rows_ptr = scratch_ptr + tl.program_id(0) * (5 * K)
+    for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        bi, hv, _, valid, head = _tile_of(t, n_tiles, slots_ptr, HV, 1)
+        hq = hv // (HV // HQ)
+        qoff = (bi * HQ + hq) * K
+        tile_words = codes_ptr + head * (K * W)
+        qk = _stage_rows(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, scales_ptr, rows_ptr, qoff, hq, head, valid,
+                         scale, K, FUSED, NEG_EIG, L2NORM, ROW, MODE)
+
+        zero = tl.zeros([BK, W], dtype=tl.float32)
+        ae0, ae1, ae2, ae3, ap0, ap1, ap2, ap3 = zero, zero, zero, zero, zero, zero, zero, zero
+        for c in tl.range(0, NK, loop_unroll_factor=UNROLL, num_stages=STAGES):
+            rows = c * BK + orow
+            wd = tl.load(tile_words + c * (BK * W) + woffs, mask=tile_mask(valid, woffs))
+            e = tl.load(rows_ptr + rows)
+            p = tl.load(rows_ptr + K + rows)
+            x0, x1, x2, x3 = _unpack(wd, MODE)
+            e2, p2 = e[:, None], p[:, None]
+            ae0, ae1, ae2, ae3 = ae0 + e2 * x0, ae1 + e2 * x1, ae2 + e2 * x2, ae3 + e2 * x3
+            ap0, ap1, ap2, ap3 = ap0 + p2 * x0, ap1 + p2 * x1, ap2 + p2 * x2, ap3 + p2 * x3
+        r0, r1, r2, r3, o0, o1, o2, o3 = tl.reduce((ae0, ae1, ae2, ae3, ap0, ap1, ap2, ap3), 0, _add8)
+
         vbase = (bi * HV + hv) * V + om * 4
-        d = sc * tl.exp(g)
-        e = b * k * d
-        p = q * d
-        qk = tl.sum(q * k, axis=0)
-        if MODE == 2:
-            x0, x1, x2, x3 = unpack_plane(wd, 0, 2), unpack_plane(wd, 1, 2), unpack_plane(wd, 2, 2), \
-                unpack_plane(wd, 3, 2)
-        else:
-            x0, x1, x2, x3 = unpack_fp8_word(wd)
-        r0, r1, r2, r3, o0, o1, o2, o3 = _plane_reads(x0, x1, x2, x3, e, p)
         u0 = _value_gate(v_ptr, w_ptr, vbase + 0, FUSED) - r0
         u1 = _value_gate(v_ptr, w_ptr, vbase + 1, FUSED) - r1
         u2 = _value_gate(v_ptr, w_ptr, vbase + 2, FUSED) - r2
@@ -214,53 +294,61 @@ def _decode8_kernel(
         tl.store(o_ptr + vbase + 2, tl.where(valid, o2 + qk * u2, 0.0).to(od))
         tl.store(o_ptr + vbase + 3, tl.where(valid, o3 + qk * u3, 0.0).to(od))
 
-        rs = 0
-        if ROUND == 2:  # the residual words are read only now, so they don't hold registers through the reads
-            rs = tl.load(res_ptr + head * (K * W) + woffs, mask=tile_mask(valid, woffs))
-        ru_sc = sc * (INT8_RU if MODE == 2 else FP8_RU)
-        s0 = _plane_write(x0, d, k, u0, rs, 0, ru_sc, MODE, ROUND)
-        s1 = _plane_write(x1, d, k, u1, rs, 1, ru_sc, MODE, ROUND)
-        s2 = _plane_write(x2, d, k, u2, rs, 2, ru_sc, MODE, ROUND)
-        s3 = _plane_write(x3, d, k, u3, rs, 3, ru_sc, MODE, ROUND)
         qmax = INT8_QMAX if MODE == 2 else FP8_QMAX
-        if STATIC:
-            sc_new = tl.load(static_ptr + hv * (K if ROW else 1) + (ok if ROW else ok * 0))
-        else:
-            amax = tl.max(tl.maximum(tl.maximum(tl.abs(s0), tl.abs(s1)), tl.maximum(tl.abs(s2), tl.abs(s3))),
-                          axis=1)
-            if not ROW:
-                amax = tl.zeros_like(amax) + tl.max(amax, axis=0)
-            sc_new = tl.maximum(amax, TINY) / qmax
-        inv = (1.0 / sc_new)[:, None]
-        y0, y1, y2, y3 = s0 * inv, s1 * inv, s2 * inv, s3 * inv
-        m = tile_mask(valid, woffs)
-        if MODE == 3 and ROUND == 0:
-            wd_new = pack_fp8(y0, y1, y2, y3)
-        else:
-            rnd = (bi * HV + hv) * (K * V) + ok[:, None] * V + om[None, :] * 4
-            seed = tl.load(seed_ptr)
-            n0 = tl.rand(seed, rnd) if ROUND == 1 else y0
-            n1 = tl.rand(seed, rnd + 1) if ROUND == 1 else y1
-            n2 = tl.rand(seed, rnd + 2) if ROUND == 1 else y2
-            n3 = tl.rand(seed, rnd + 3) if ROUND == 1 else y3
-            clamp = STATIC or ROUND == 1
-            b0, c0 = code_byte(y0, n0, MODE, ROUND, clamp)
-            b1, c1 = code_byte(y1, n1, MODE, ROUND, clamp)
-            b2, c2 = code_byte(y2, n2, MODE, ROUND, clamp)
-            b3, c3 = code_byte(y3, n3, MODE, ROUND, clamp)
-            wd_new = pack_bytes(b0, b1, b2, b3)
-            if ROUND == 2:   # residual codes: int8 in 1/254 of a step, fp8 in whole steps
-                f = INT8_INV_RU if MODE == 2 else 1.0
-                rb0 = code_byte((y0 - c0) * f, y0, MODE, 0, False)[0]
-                rb1 = code_byte((y1 - c1) * f, y1, MODE, 0, False)[0]
-                rb2 = code_byte((y2 - c2) * f, y2, MODE, 0, False)[0]
-                rb3 = code_byte((y3 - c3) * f, y3, MODE, 0, False)[0]
-                tl.store(res_ptr + head * (K * W) + woffs, pack_bytes(rb0, rb1, rb2, rb3), mask=m)
-        tl.store(codes_ptr + head * (K * W) + woffs, wd_new, mask=m)
-        if ROW:
-            tl.store(scales_ptr + head * K + ok, sc_new, mask=tile_mask(valid, ok))
-        else:
-            tl.store(scales_ptr + head + ok * 0, sc_new, mask=tile_mask(valid, ok) & (ok == 0))
+        res_words = res_ptr + head * (K * W)
+        head_amax = 0.0
+        if not ROW and not STATIC:   # one scale for the whole tile: its absmax first
+            for c in tl.range(0, NK, loop_unroll_factor=UNROLL, num_stages=STAGES):
+                offs = c * (BK * W) + woffs
+                d, t0, t1, t2, t3 = _tile_pass(tile_words, res_words, rows_ptr, offs, tile_mask(valid, offs),
+                                               c * BK + orow, u0, u1, u2, u3, K, MODE, ROUND)
+                head_amax = tl.maximum(head_amax, tl.max(d * _abs_max4(t0, t1, t2, t3), axis=0))
+
+        seed = tl.load(seed_ptr)
+        for c in tl.range(0, NK, loop_unroll_factor=UNROLL, num_stages=STAGES):
+            rows = c * BK + orow
+            offs = c * (BK * W) + woffs
+            m = tile_mask(valid, offs)
+            d, t0, t1, t2, t3 = _tile_pass(tile_words, res_words, rows_ptr, offs, m, rows, u0, u1, u2, u3, K, MODE,
+                                           ROUND)
+            if STATIC:
+                sc_new = tl.load(static_ptr + hv * (K if ROW else 1) + (rows if ROW else rows * 0))
+            elif ROW:
+                sc_new = tl.maximum(d * _abs_max4(t0, t1, t2, t3), TINY) / qmax
+            else:
+                sc_new = tl.zeros([BK], dtype=tl.float32) + tl.maximum(head_amax, TINY) / qmax
+            mult = tl.fdiv(d, sc_new)[:, None]      # new codes: d t / new scale
+            y0, y1, y2, y3 = t0 * mult, t1 * mult, t2 * mult, t3 * mult
+            if MODE == 3 and ROUND == 0:
+                wd_new = pack_fp8(y0, y1, y2, y3)
+            else:
+                rnd = (bi * HV + hv) * (K * V) + rows[:, None] * V + om[None, :] * 4
+                n0 = tl.rand(seed, rnd) if ROUND == 1 else y0
+                n1 = tl.rand(seed, rnd + 1) if ROUND == 1 else y1
+                n2 = tl.rand(seed, rnd + 2) if ROUND == 1 else y2
+                n3 = tl.rand(seed, rnd + 3) if ROUND == 1 else y3
+                clamp = STATIC or ROUND == 1
+                b0, c0 = code_byte(y0, n0, MODE, ROUND, clamp)
+                b1, c1 = code_byte(y1, n1, MODE, ROUND, clamp)
+                b2, c2 = code_byte(y2, n2, MODE, ROUND, clamp)
+                b3, c3 = code_byte(y3, n3, MODE, ROUND, clamp)
+                wd_new = pack_bytes(b0, b1, b2, b3)
+                if ROUND == 2:   # residual codes: int8 in 1/254 of a step, fp8 in whole steps
+                    f = INT8_INV_RU if MODE == 2 else 1.0
+                    rb0 = code_byte((y0 - c0) * f, y0, MODE, 0, False)[0]
+                    rb1 = code_byte((y1 - c1) * f, y1, MODE, 0, False)[0]
+                    rb2 = code_byte((y2 - c2) * f, y2, MODE, 0, False)[0]
+                    rb3 = code_byte((y3 - c3) * f, y3, MODE, 0, False)[0]
+                    tl.store(res_words + offs, pack_bytes(rb0, rb1, rb2, rb3), mask=m)
+            tl.store(tile_words + offs, wd_new, mask=m)
+            if ROW:   # stored as a column, so no layout change: the replicas write the same value
+                srow = rows[:, None] + om[None, :] * 0
+                tl.store(scales_ptr + head * K + srow, sc_new[:, None] + tl.zeros([BK, W], dtype=tl.float32),
+                         mask=tile_mask(valid, srow) & (om[None, :] == 0))
+        if not ROW:   # after the last block: every block reads the old scale
+            sc_head = tl.load(static_ptr + hv) if STATIC else tl.maximum(head_amax, TINY) / qmax
+            tl.store(scales_ptr + head + orow * 0, sc_head + tl.zeros([BK], dtype=tl.float32),
+                     mask=tile_mask(valid, orow) & (orow == 0))
 
 
 def effective_static_scales(fmt: StateQuantConfig, static_scales: torch.Tensor | None, HV: int, K: int,
@@ -297,49 +385,79 @@ def seed_tensor(fmt: StateQuantConfig, seed: int | torch.Tensor | None, device: 
     return _ZERO_SEEDS[device]
 
 
+# Launch parameters per storage kind and load (tier): the fastest variants that passed the one-step check in
+# ``tools/bench_kernels.py --tune`` on an H200 (H=16, K=V=128; the tiers timed at B=1, 64 and 256;
+# docs/benchmarks/kernels-NVIDIA-H200.json). Few heads are latency-bound: a whole tile per 4-warp program (one
+# block of rows, so the second pass re-reads codes still in L1). More heads are throughput-bound: one warp per
+# int8/fp8 tile in blocks of 8 rows (blocks of 4 rows need only 64 registers, but their per-block overhead
+# made them 40% slower at 24-32 warps per multiprocessor); narrow V blocks for fp32/bf16.
+LAUNCH: dict[tuple[str, str], dict[str, int]] = {
+    ("8bit", "few"): dict(num_warps=4, block_k=128, unroll=1, stages=1, programs_per_sm=2),
+    ("8bit", "medium"): dict(num_warps=1, block_k=8, unroll=2, stages=1, programs_per_sm=12),
+    ("8bit", "many"): dict(num_warps=1, block_k=8, unroll=2, stages=1, programs_per_sm=16),
+    ("bf16", "few"): dict(num_warps=4, block_v=32, stages=1, programs_per_sm=8),
+    ("bf16", "medium"): dict(num_warps=2, block_v=32, stages=1, programs_per_sm=8),
+    ("bf16", "many"): dict(num_warps=2, block_v=32, stages=1, programs_per_sm=8),
+    ("fp32", "few"): dict(num_warps=4, block_v=32, stages=1, programs_per_sm=8),
+    ("fp32", "medium"): dict(num_warps=4, block_v=64, stages=1, programs_per_sm=4),
+    ("fp32", "many"): dict(num_warps=4, block_v=64, stages=1, programs_per_sm=4),
+}
+TIERS = ((4, "few"), (16, "medium"))   # (heads per multiprocessor below which, tier); at or above: "many"
+
+
+def launch_tier(heads: int, sms: int) -> str:
+    """The load tier of ``heads`` (sequence, value head) tiles on ``sms`` multiprocessors."""
+    return next((tier for per_sm, tier in TIERS if heads < per_sm * sms), "many")
+
+
+def launch_params(fmt: StateQuantConfig, heads: int, sms: int, **overrides: int | None) -> dict[str, int]:
+    """The launch of ``LAUNCH`` for ``heads`` tiles, with the non-None overrides applied."""
+    base = dict(LAUNCH[("8bit" if fmt.quantized else fmt.dtype, launch_tier(heads, sms))])
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return base
+
+
 def decode_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     pool: QuantizedState, slots: torch.Tensor, fmt: StateQuantConfig, *, A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None, allow_neg_eigval: bool = False, scale: float | None = None,
     use_qk_l2norm: bool = True, static_scales: torch.Tensor | None = None,
-    seed: int | torch.Tensor | None = None, out: torch.Tensor | None = None, num_warps: int | None = None,
-    block_v: int | None = None, programs_per_sm: int | None = None,
+    seed: int | torch.Tensor | None = None, out: torch.Tensor | None = None, **launch: int | None,
 ) -> torch.Tensor:
     """Launch the decode kernel. q, k, g, b: [B, HQ, K]; v, w: [B, HV, V]; returns o [B, HV, V].
 
-    num_warps / block_v / programs_per_sm override the launch heuristic (benchmark sweeps); quantized
-    states need whole rows. The grid is persistent: at most programs_per_sm programs per multiprocessor.
+    ``launch`` overrides keys of :data:`LAUNCH` (benchmark sweeps): num_warps, programs_per_sm (the grid is
+    persistent: at most that many programs per multiprocessor), stages (> 1 lets Triton stream the state
+    through shared memory with asynchronous copies), block_v (fp32/bf16: V columns per tile), block_k and
+    unroll (int8/fp8: key rows per block of the two passes, and their unrolling; tiles are whole rows).
     """
     B, HQ, K = k.shape
     HV, V = v.shape[1], v.shape[2]
     fused = A_log is not None
     q, k, v, g, b, w = (t.contiguous() for t in (q, k, v, g, b, w))
     o = torch.empty_like(v) if out is None else out
-    BV = V
-    if block_v is not None:
-        BV = block_v
-    elif not fmt.quantized and B * HV < 256 and V > 32:  # few sequences: split V for more programs
-        BV = 32
-    if fmt.quantized and BV < V:
+    sms = _sm_count(q.device)
+    lp = launch_params(fmt, B * HV, sms, **launch)
+    if fmt.quantized and lp.get("block_v", V) < V:
         raise ValueError("quantized states need whole rows per program (block_v >= V)")
+    BV = min(V, lp.get("block_v", V))
     n_tiles = B * HV * (V // BV)
     stat = effective_static_scales(fmt, static_scales, HV, K, q.device)
     seeds = seed_tensor(fmt, seed, q.device)
-    programs = _sm_count(q.device) * (programs_per_sm or PROGRAMS_PER_SM)
+    grid = (min(n_tiles, sms * lp["programs_per_sm"]),)
     args = (q, k, v, g, b, w, A_log if fused else q, dt_bias if fused else q, o)
     tail = (stat, slots, seeds, float(K ** -0.5 if scale is None else scale), n_tiles)
     meta = dict(HQ=HQ, HV=HV, K=K, V=V, FUSED=fused, NEG_EIG=allow_neg_eigval, L2NORM=use_qk_l2norm,
-                num_warps=num_warps or 4, num_stages=1, **format_constexprs(fmt))
+                STAGES=lp["stages"], num_warps=lp["num_warps"], num_stages=1, **format_constexprs(fmt))
     if fmt.quantized:   # code words: four int8/fp8 codes per int32
         words = pool.codes.view(torch.int32)
         res = pool.residual.view(torch.int32) if pool.residual is not None else words
-        _decode8_kernel[(min(n_tiles, programs),)](*args, words, pool.scales, res, *tail, **meta)
+        scratch = torch.empty(grid[0], 5, K, dtype=torch.float32, device=q.device)   # per-program row terms
+        _decode8_kernel[grid](*args, words, pool.scales, res, *tail[:3], scratch, *tail[3:], BK=min(K, lp["block_k"]),
+                              UNROLL=lp["unroll"], **meta)
     else:
-        _decode_kernel[(min(n_tiles, programs),)](*args, pool.codes, pool.codes, pool.codes, *tail, BV=BV, **meta)
+        _decode_kernel[grid](*args, pool.codes, pool.codes, pool.codes, *tail, BV=BV, **meta)
     return o
-
-
-PROGRAMS_PER_SM = 2     # resident programs per multiprocessor at 4 warps (the quantized kernel uses ~200 registers)
 
 
 def _sm_count(device: torch.device) -> int:

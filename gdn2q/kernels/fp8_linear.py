@@ -1,9 +1,11 @@
 """fp8 (e4m3) projections with per-output-row weight scales and per-token activation scales.
 
-On Hopper (compute capability >= 8.9) the product runs on the fp8 tensor cores through
-``torch._scaled_mm`` with row-wise scales; elsewhere the same quantized operands are multiplied in fp32, so
-the CPU path computes the same function (only the accumulation order differs). The per-token activation
-quantization is one Triton launch (:func:`gdn2q.kernels.glue.quantize_rows_fp8`) where Triton runs.
+On Hopper the product runs on the fp8 tensor cores: decode batches (M <= 256) through the skinny Triton GEMM
+of :mod:`gdn2q.kernels.fp8_gemm` (cuBLASLt's row-scaled fp8 kernels stream the weights at ~30% of bandwidth
+there), larger M (prefill) and Ada (8.9) through ``torch._scaled_mm`` with row-wise scales. Elsewhere the same
+quantized operands are multiplied in fp32, so the CPU path computes the same function (only the accumulation
+order differs). The per-token activation quantization is one Triton launch
+(:func:`gdn2q.kernels.glue.quantize_rows_fp8`) where Triton runs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 Fp8Rows = tuple[torch.Tensor, torch.Tensor]  # (e4m3 codes [M, N], fp32 scales [M, 1])
+GEMM_MAX_M = 256   # larger products (prefill) are compute-shaped: torch._scaled_mm is the better kernel there
 
 
 def quantize_rows_reference(x: torch.Tensor) -> Fp8Rows:
@@ -32,10 +35,26 @@ def _scaled_mm_ok(x: torch.Tensor, N: int) -> bool:
             and x.shape[-1] % 16 == 0 and N % 16 == 0)
 
 
+def _triton_gemm_ok(x: torch.Tensor) -> bool:
+    """Hopper and a decode-sized batch (the tests force it on under the Triton interpreter)."""
+    from gdn2q.kernels import available
+
+    return (x.is_cuda and x.shape[0] <= GEMM_MAX_M and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and available())
+
+
 def fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
-               out_dtype: torch.dtype) -> torch.Tensor:
-    """(xq * xs) (w_codes * w_scales)^T for rows already quantized: xq [M, K] e4m3, xs [M, 1] fp32."""
+               out_dtype: torch.dtype, partials: bool = False) -> torch.Tensor:
+    """(xq * xs) (w_codes * w_scales)^T for rows already quantized: xq [M, K] e4m3, xs [M, 1] fp32.
+
+    Returns [M, N] in ``out_dtype``. ``partials=True`` (for callers that can add fp32 split-K partial sums, as
+    :func:`gdn2q.kernels.glue.add_rms_norm` does) lets the Triton GEMM split K and return them as [S, M, N].
+    """
     N = w_codes.shape[0]
+    if _triton_gemm_ok(xq):
+        from gdn2q.kernels.fp8_gemm import fp8_gemm
+
+        return fp8_gemm(xq, xs, w_codes, w_scales, out_dtype, partials=partials)
     if _scaled_mm_ok(xq, N):
         y = torch._scaled_mm(xq, w_codes.t(), scale_a=xs, scale_b=w_scales.view(1, N).float(),
                              out_dtype=torch.bfloat16)

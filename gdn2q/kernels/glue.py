@@ -22,7 +22,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from gdn2q.kernels.decode import softplus
 from gdn2q.kernels.fp8_linear import FP8, Fp8Rows, quantize_rows_reference
+from gdn2q.kernels.reference import gates
 from gdn2q.kernels.state_io import fp8_ulp, rne
 from gdn2q.model.norms import rms_normalize
 
@@ -48,8 +50,8 @@ def _out(y: torch.Tensor, dtype: torch.dtype, fp8: bool) -> torch.Tensor | Fp8Ro
 
 def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
                            fp8: bool = False) -> torch.Tensor | Fp8Rows:
-    if delta is not None:
-        x.add_(delta)
+    if delta is not None:   # fp32 split-K partials [S, M, D] are summed first; x rounds once, in its dtype
+        x.add_(delta.float().sum(0) if delta.dim() == 3 else delta)
     return _out(rms_normalize(x, weight, eps), x.dtype, fp8)
 
 
@@ -115,15 +117,18 @@ def _quantize_kernel(x_ptr, codes_ptr, scales_ptr, stride, N: tl.constexpr, BN: 
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, scales_ptr, eps, D: tl.constexpr, BD: tl.constexpr,
-                         ADD: tl.constexpr, FP8: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, scales_ptr, d_split_stride, eps, D: tl.constexpr,
+                         BD: tl.constexpr, ADD: tl.constexpr, S: tl.constexpr, FP8: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BD)
     m = cols < D
     offs = row * D + cols
     x = tl.load(x_ptr + offs, mask=m, other=0.0)
     if ADD:  # the residual stream keeps the model dtype, as x = x + h does
-        x = (x.to(tl.float32) + tl.load(d_ptr + offs, mask=m, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+        d = tl.load(d_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        for s in tl.static_range(1, S):   # the split-K partials of an fp8 GEMM, summed where they are consumed
+            d += tl.load(d_ptr + s * d_split_stride + offs, mask=m, other=0.0)
+        x = (x.to(tl.float32) + d).to(x_ptr.dtype.element_ty)
         tl.store(x_ptr + offs, x, mask=m)
     xf = x.to(tl.float32)
     y = xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps) * tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
@@ -160,11 +165,14 @@ def _swiglu_kernel(y_ptr, out_ptr, scales_ptr, I: tl.constexpr, BI: tl.constexpr
 
 
 @triton.jit
-def _decode_inputs_kernel(y1_ptr, y2_ptr, win_ptr, taps_ptr, cb_ptr, out_ptr, s1, s2, B, KD: tl.constexpr,
-                          VD: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr,
-                          CBIAS: tl.constexpr):
+def _decode_inputs_kernel(y1_ptr, y2_ptr, win_ptr, taps_ptr, cb_ptr, alog_ptr, dtb_ptr, out_ptr, gout_ptr, s1, s2, B,
+                          KD: tl.constexpr, VD: tl.constexpr, HK: tl.constexpr, W: tl.constexpr,
+                          WP: tl.constexpr, BLOCK: tl.constexpr, CBIAS: tl.constexpr, GATES: tl.constexpr,
+                          NEG_EIG: tl.constexpr):
     """Channels c of one sequence in the order q k v b w f: conv step of q|k|v, copies of b|w|f; every one of
-    the six lands in its own contiguous [B, n] plane of out."""
+    the six lands in its own contiguous [B, n] plane of out. With GATES, b|w|f leave as the fp32 gates
+    (GDN2_SPEC.md 1.2 steps 3-4) in the planes of gout instead, computed once per channel here rather than
+    once per key row in every pass of the recurrence kernel."""
     C: tl.constexpr = 2 * KD + VD
     F0: tl.constexpr = 3 * KD + 2 * VD          # q k v b w come from y1, f from y2
     row = tl.program_id(0).to(tl.int64)
@@ -190,7 +198,19 @@ def _decode_inputs_kernel(y1_ptr, y2_ptr, win_ptr, taps_ptr, cb_ptr, out_ptr, s1
     start = tl.where(c < KD, 0, tl.where(c < 2 * KD, KD, tl.where(c < C, 2 * KD, tl.where(
         c < C + KD, C, tl.where(c < F0, C + KD, F0)))))
     size = tl.where(((c >= 2 * KD) & (c < C)) | ((c >= C + KD) & (c < F0)), VD, KD)
-    tl.store(out_ptr + B * start + row * size + (c - start), val.to(out_ptr.dtype.element_ty), mask=live)
+    if GATES:
+        is_f = c >= F0
+        fc = tl.where(is_f, c - F0, 0)
+        a = tl.exp(tl.load(alog_ptr + fc // HK, mask=live & is_f, other=0.0).to(tl.float32))
+        g = -a * softplus(val + tl.load(dtb_ptr + fc, mask=live & is_f, other=0.0).to(tl.float32))
+        gate = tl.sigmoid(val)
+        if NEG_EIG:
+            gate = tl.where(c < C + KD, 2.0 * gate, gate)
+        tl.store(out_ptr + B * start + row * size + (c - start), val.to(out_ptr.dtype.element_ty), mask=conv)
+        tl.store(gout_ptr + B * (start - C) + row * size + (c - start), tl.where(is_f, g, gate),
+                 mask=live & (c >= C))
+    else:
+        tl.store(out_ptr + B * start + row * size + (c - start), val.to(out_ptr.dtype.element_ty), mask=live)
 
 
 # ---- entry points ----
@@ -216,14 +236,19 @@ def quantize_rows_fp8(x: torch.Tensor) -> Fp8Rows:
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  fp8: bool = False) -> torch.Tensor | Fp8Rows:
-    """RMSNorm of the residual rows x [M, D] after ``x += delta`` (in place, skipped when delta is None)."""
+    """RMSNorm of the residual rows x [M, D] after ``x += delta`` (in place, skipped when delta is None).
+
+    delta is [M, D], or the fp32 split-K partial sums [S, M, D] of an fp8 GEMM
+    (:func:`gdn2q.kernels.fp8_linear.fp8_matmul` with ``partials=True``), summed here in fp32.
+    """
     if not use_triton(x):
         return add_rms_norm_reference(x, delta, weight, eps, fp8)
     M, D = x.shape
     out, scales = _rows_out(x, M, D, fp8)
     BD = triton.next_power_of_2(D)
-    _add_rms_norm_kernel[(M,)](x, x if delta is None else delta.contiguous(), weight, out, scales, eps, D=D, BD=BD,
-                               ADD=delta is not None, FP8=fp8, num_warps=_warps(BD))
+    d = x if delta is None else delta.contiguous()
+    _add_rms_norm_kernel[(M,)](x, d, weight, out, scales, M * D, eps, D=D, BD=BD, ADD=delta is not None,
+                               S=d.shape[0] if d.dim() == 3 else 1, FP8=fp8, num_warps=_warps(BD))
     return (out, scales) if fp8 else out
 
 
@@ -260,21 +285,34 @@ def swiglu(y: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Rows:
 
 
 def decode_inputs(y1: torch.Tensor, y2: torch.Tensor, window: torch.Tensor, taps: torch.Tensor,
-                  conv_bias: torch.Tensor | None, kd: int, vd: int) -> tuple[torch.Tensor, ...]:
+                  conv_bias: torch.Tensor | None, kd: int, vd: int, A_log: torch.Tensor | None = None,
+                  dt_bias: torch.Tensor | None = None, allow_neg_eigval: bool = False) -> tuple[torch.Tensor, ...]:
     """The recurrence inputs of one decode token from the fused projection outputs, in one launch.
 
     y1 [B, >= 3kd+2vd] holds raw q|k|v|b|w, y2 [B, >= kd] holds f (unit column strides); window [B, 2kd+vd, W]
     (the last W raw q|k|v inputs, oldest first) is shifted in place and taps [2kd+vd, W] convolve it (+ SiLU).
-    Returns contiguous (q, k, v, f, b, w) of shapes [B, kd|vd] in y1's dtype.
+    Returns contiguous (q, k, v, f, b, w) of shapes [B, kd|vd] in y1's dtype; with A_log and dt_bias, f, b, w
+    are the fp32 gates (g, b, w) of :func:`gdn2q.kernels.reference.gates` instead.
     """
+    gates_on = A_log is not None
     if not use_triton(y1):
-        return decode_inputs_reference(y1, y2, window, taps, conv_bias, kd, vd)
+        q, k, v, f, b, w = decode_inputs_reference(y1, y2, window, taps, conv_bias, kd, vd)
+        if gates_on:
+            hk = A_log.shape[0]
+            g, b, w = gates(f.view(-1, hk, kd // hk), b.view(-1, hk, kd // hk), w, A_log, dt_bias, allow_neg_eigval)
+            f, b = g.flatten(1), b.flatten(1)
+        return q, k, v, f, b, w
     B, W = y1.shape[0], window.shape[-1]
     sizes = (kd, kd, vd, kd, vd, kd)
-    out = torch.empty(B * sum(sizes), dtype=y1.dtype, device=y1.device)
+    out = torch.empty(B * sum(sizes[:3] if gates_on else sizes), dtype=y1.dtype, device=y1.device)
+    gout = torch.empty(B * sum(sizes[3:]), dtype=torch.float32, device=y1.device) if gates_on else out
     BLOCK = 1024
     _decode_inputs_kernel[(B, triton.cdiv(sum(sizes), BLOCK))](
-        y1, y2, window, taps, taps if conv_bias is None else conv_bias, out, y1.stride(0), y2.stride(0), B,
-        KD=kd, VD=vd, W=W, WP=triton.next_power_of_2(W), BLOCK=BLOCK, CBIAS=conv_bias is not None, num_warps=4)
-    q, k, v, b, w, f = (p.view(B, n) for p, n in zip(out.split([B * n for n in sizes]), sizes, strict=True))
+        y1, y2, window, taps, taps if conv_bias is None else conv_bias, A_log if gates_on else taps,
+        dt_bias if gates_on else taps, out, gout, y1.stride(0), y2.stride(0), B, KD=kd, VD=vd,
+        HK=kd // A_log.shape[0] if gates_on else 1, W=W, WP=triton.next_power_of_2(W), BLOCK=BLOCK,
+        CBIAS=conv_bias is not None, GATES=gates_on, NEG_EIG=allow_neg_eigval, num_warps=4)
+    planes = out.split([B * n for n in sizes[:3]]) + gout.split([B * n for n in sizes[3:]]) if gates_on else \
+        out.split([B * n for n in sizes])
+    q, k, v, b, w, f = (p.view(B, n) for p, n in zip(planes, sizes, strict=True))
     return q, k, v, f, b, w

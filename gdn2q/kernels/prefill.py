@@ -2,9 +2,10 @@
 
 Five launches (GDN2_SPEC.md 2), shaped like fla's chunk_gdn2 so that only the state recurrence is sequential:
 1. ``_score_kernel``, one program per (chunk, sequence x q/k head), all chunks in parallel: decayed score
-   matrices Aqk and T in 16x16 blocks (diagonal blocks with exact pairwise exponents, off-diagonal blocks as
-   dot products of factors decayed to the end of the earlier block, so no exponential exceeds 1) and the
-   inverse A = (I + T)^-1 by the exact product formula on the diagonal blocks and block merging.
+   matrices Aqk and T as [64, 64] products over K slices, each 16-row block from factors decayed from the
+   block's start (no exponential exceeds 1 off the diagonal; a diagonal block that decays by more than
+   SAFE_DECAY nats is redone with exact pairwise exponents), and the inverse A = (I + T)^-1 by the exact
+   product formula on the 16x16 diagonal blocks and block merging.
 2. ``_wy_kernel``, same grid: Y = A E, U = A Z (for every value head of the q/k head), the decayed queries
    (gamma q), tail keys (gamma_C / gamma k) and total decay gamma_C, in K slices to bound registers.
 3. ``_state_kernel``, one program per (V block, sequence x value head), sequential over chunks with two
@@ -13,14 +14,16 @@ Five launches (GDN2_SPEC.md 2), shaped like fla's chunk_gdn2 so that only the st
 4. ``_output_kernel``, one program per (chunk, V block, sequence x value head), in parallel:
    O = (gamma q) S_chunk + Aqk R (the output product is off the sequential path).
 5. ``_store_kernel``: stores S_T into the pool slot in its format (same rounding code as the decode step).
-Products run with bf16 operands (fp32 accumulation, as fla) for bf16 inputs, or with fp32 operands split into
-bf16 hi + lo ("bf16x3") or in tf32x3 ("tf32", "ieee") precision: the inter-kernel tensors Y, U, Aqk, gamma q,
-Ktail, chunk states and R are stored in bf16 or fp32 accordingly; the carried state is always fp32.
+The precision of each launch's products and of the tensors between launches follows ``dot_precision``
+(:class:`LaunchPlan`): bf16 operands where their rounding does not reach S_T, bf16 hi + lo split products where
+it does ("mixed", the default for bf16 inputs), or one precision throughout. The carried state is always fp32.
 Head dims K, V must be powers of two (16..256); T is arbitrary (the last chunk is zero-padded: padded rows of
 Y, U, Ktail are zero, so they leave S unchanged).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -44,31 +47,39 @@ def _rows(ptr, bi, h, t0, T, H: tl.constexpr, D: tl.constexpr, R: tl.constexpr, 
 
 
 @triton.jit
-def _inv_norm(x, ON: tl.constexpr):
-    """Per-row 1 / sqrt(sum(x^2) + 1e-6) (the upstream L2 norm), or 1."""
+def _sumsq(x):
+    return tl.sum(x * x, axis=1)
+
+
+@triton.jit
+def _inv_norm(ss, ON: tl.constexpr):
+    """1 / sqrt(ss + 1e-6) for rows' sums of squares ss (the upstream L2 norm), or 1."""
     if ON:
-        n = tl.rsqrt(tl.sum(x * x, axis=1) + 1e-6)
+        n = tl.rsqrt(ss + 1e-6)
     else:
-        n = tl.full([x.shape[0]], 1.0, dtype=tl.float32)
+        n = tl.full(ss.shape, 1.0, dtype=tl.float32)
     return n
 
 
 @triton.jit
-def _diag(q_ptr, k_ptr, g_ptr, b_ptr, bi, hq, t0, T, nq, nk, HQ: tl.constexpr, K: tl.constexpr,
-          KS: tl.constexpr):
+def _diag(q_ptr, k_ptr, g_ptr, b_ptr, bi, hq, t0, T, scale, HQ: tl.constexpr, K: tl.constexpr,
+          L2NORM: tl.constexpr):
     """Diagonal 16x16 blocks of Aqk (j <= i) and T (j < i) with exact exponents gl_i - gl_j <= 0.
 
-    Computed as [16, 16, KS] products over K in slices of KS columns; nq, nk are the rows' norm factors.
+    The fallback for a block where some channel decays by more than SAFE_DECAY nats (the factored product
+    overflows there): [16, 16, 8] products over K in slices of 8 columns.
     """
     i16 = tl.arange(0, 16)
     causal = (i16[:, None] >= i16[None, :])[:, :, None]
+    nq = _inv_norm(_sumsq(_rows(q_ptr, bi, hq, t0, T, HQ, K, 16, 0, K)), L2NORM) * scale
+    nk = _inv_norm(_sumsq(_rows(k_ptr, bi, hq, t0, T, HQ, K, 16, 0, K)), L2NORM)
     aq = tl.zeros([16, 16], dtype=tl.float32)
     tt = tl.zeros([16, 16], dtype=tl.float32)
-    for c0 in tl.static_range(0, K, KS):
-        q = _rows(q_ptr, bi, hq, t0, T, HQ, K, 16, c0, KS) * nq[:, None]
-        k = _rows(k_ptr, bi, hq, t0, T, HQ, K, 16, c0, KS) * nk[:, None]
-        bk = _rows(b_ptr, bi, hq, t0, T, HQ, K, 16, c0, KS) * k
-        gl = tl.cumsum(_rows(g_ptr, bi, hq, t0, T, HQ, K, 16, c0, KS), axis=0)
+    for c0 in tl.static_range(0, K, 8):
+        q = _rows(q_ptr, bi, hq, t0, T, HQ, K, 16, c0, 8) * nq[:, None]
+        k = _rows(k_ptr, bi, hq, t0, T, HQ, K, 16, c0, 8) * nk[:, None]
+        bk = _rows(b_ptr, bi, hq, t0, T, HQ, K, 16, c0, 8) * k
+        gl = tl.cumsum(_rows(g_ptr, bi, hq, t0, T, HQ, K, 16, c0, 8), axis=0)
         e = tl.exp(tl.where(causal, gl[:, None, :] - gl[None, :, :], float("-inf"))) * k[None, :, :]
         aq += tl.sum(q[:, None, :] * e, axis=2)
         tt += tl.sum(bk[:, None, :] * e, axis=2)
@@ -101,68 +112,76 @@ def _split(x):
 
 
 @triton.jit
-def _dot(a, b, DOT: tl.constexpr):
-    """a @ b with fp32 accumulation. "bf16": bf16 operands on the tensor cores (fla's choice); "bf16x3": fp32
-    operands split into bf16 hi + lo, three bf16 products (~2^-16 relative, tf32 tensor-core rate is half of
-    bf16's); else fp32 operands with that input precision ("tf32", "tf32x3", "ieee")."""
+def _dot(a, b, DOT: tl.constexpr, acc=None):
+    """acc + a @ b with fp32 accumulation. "bf16": operands rounded to bf16 on the tensor cores (fla's choice);
+    "bf16x3": fp32 operands split into bf16 hi + lo, three bf16 products (~2^-16 relative; the tf32 tensor-core
+    rate is half of bf16's); else fp32 operands with that input precision ("tf32", "tf32x3", "ieee")."""
     if (DOT == "bf16" or DOT == "bf16x3") and INTERPRETED:  # the CPU interpreter's bf16 dot is wrong
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        if DOT == "bf16":
+            a = a.to(tl.bfloat16)
+            b = b.to(tl.bfloat16)
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
     elif DOT == "bf16":
-        c = tl.dot(a, b)
+        c = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc=acc)
     elif DOT == "bf16x3":
         ah, al = _split(a)
         bh, bl = _split(b)
-        c = tl.dot(ah, bh, acc=tl.dot(al, bh, acc=tl.dot(ah, bl)))
+        c = _dot3(ah, al, bh, bl, acc)
     else:
-        c = tl.dot(a, b, input_precision=DOT)
+        c = tl.dot(a, b, acc=acc, input_precision=DOT)
     return c
 
 
 @triton.jit
-def _st16(ptr, base_row, r0: tl.constexpr, c0: tl.constexpr, x):
+def _dot3(ah, al, bh, bl, acc=None):
+    """acc + (ah + al) @ (bh + bl) for bf16 hi + lo operand pairs, less the al @ bl term (2^-16 relative)."""
+    if INTERPRETED:
+        c = tl.dot(ah.to(tl.float32) + al.to(tl.float32), bh.to(tl.float32) + bl.to(tl.float32), acc=acc,
+                   input_precision="ieee")
+    else:
+        c = tl.dot(ah, bh, acc=tl.dot(al, bh, acc=tl.dot(ah, bl, acc=acc)))
+    return c
+
+
+@triton.jit
+def _dot_a(a, ah, al, x, DOT: tl.constexpr):
+    """a @ x, with a's bf16 hi + lo split (ah, al) made once by the caller for "bf16x3"."""
+    if DOT == "bf16x3":
+        xh, xl = _split(x)
+        c = _dot3(ah, al, xh, xl)
+    else:
+        c = _dot(a, x, DOT)
+    return c
+
+
+@triton.jit
+def _store_op(ptr, lo_ptr, off, x, SPLIT: tl.constexpr):
+    """Store x in ptr's dtype, or as bf16 hi at ptr and lo at lo_ptr (the state kernel's split operands)."""
+    if SPLIT:
+        hi, lo = _split(x)
+        tl.store(ptr + off, hi)
+        tl.store(lo_ptr + off, lo)
+    else:
+        tl.store(ptr + off, x.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _st16(ptr, base_row, r0: tl.constexpr, c0, x):
     i16 = tl.arange(0, 16)
     tl.store(ptr + (base_row + r0 + i16).to(tl.int64)[:, None] * 64 + c0 + i16[None, :],
              x.to(ptr.dtype.element_ty))
 
 
 @triton.jit
-def _upper_zero(ptr, row0, zero):
-    """Zero the six 16x16 blocks above the diagonal of a 64x64 chunk matrix."""
-    _st16(ptr, row0, 0, 16, zero)
-    _st16(ptr, row0, 0, 32, zero)
-    _st16(ptr, row0, 0, 48, zero)
-    _st16(ptr, row0, 16, 32, zero)
-    _st16(ptr, row0, 16, 48, zero)
-    _st16(ptr, row0, 32, 48, zero)
+def _ld16(ptr, base_row, r0: tl.constexpr, c0: tl.constexpr):
+    i16 = tl.arange(0, 16)
+    return tl.load(ptr + (base_row + r0 + i16).to(tl.int64)[:, None] * 64 + c0 + i16[None, :])
 
 
 @triton.jit
-def _block(q_ptr, k_ptr, g_ptr, b_ptr, bi, hq, t0, T, scale, HQ: tl.constexpr, K: tl.constexpr,
-           L2NORM: tl.constexpr, KS: tl.constexpr, DOT: tl.constexpr):
-    """One 16-token block: q (scaled), k, b*k, local cumulative decay gl, block decay sum, diagonal blocks.
-
-    The diagonal blocks use one matrix product when no channel decays by more than SAFE_DECAY nats inside
-    the block, else exact pairwise exponents.
-    """
-    q = _rows(q_ptr, bi, hq, t0, T, HQ, K, 16, 0, K)
-    k = _rows(k_ptr, bi, hq, t0, T, HQ, K, 16, 0, K)
-    nq = _inv_norm(q, L2NORM) * scale
-    nk = _inv_norm(k, L2NORM)
-    q = q * nq[:, None]
-    k = k * nk[:, None]
-    g = _rows(g_ptr, bi, hq, t0, T, HQ, K, 16, 0, K)
-    bk = _rows(b_ptr, bi, hq, t0, T, HQ, K, 16, 0, K) * k
-    gl = tl.cumsum(g, axis=0)
-    bs = tl.sum(g, axis=0)
-    if tl.max(-bs, axis=0) < SAFE_DECAY:  # factors exp(gl) >= e^-60 and exp(-gl) <= e^60: exact as products
-        e = tl.exp(gl)
-        kinv = k * tl.exp(-gl)
-        i16 = tl.arange(0, 16)
-        aq = tl.where(i16[:, None] >= i16[None, :], tl.dot(q * e, tl.trans(kinv), input_precision=DOT), 0.0)
-        tt = tl.where(i16[:, None] > i16[None, :], tl.dot(bk * e, tl.trans(kinv), input_precision=DOT), 0.0)
-    else:
-        aq, tt = _diag(q_ptr, k_ptr, g_ptr, b_ptr, bi, hq, t0, T, nq, nk, HQ, K, KS)
-    return q, k, bk, gl, bs, aq, tt
+def _row(x, r64, row: tl.constexpr):
+    """Row ``row`` of x [64, C] as a [C] vector."""
+    return tl.sum(tl.where((r64 == row)[:, None], x, 0.0), axis=0)
 
 
 @triton.jit
@@ -170,53 +189,98 @@ def _score_kernel(
     q_ptr, k_ptr, g_ptr, b_ptr, aqk_ptr, ainv_ptr, T, Tp, scale,
     HQ: tl.constexpr, K: tl.constexpr, L2NORM: tl.constexpr, DOT: tl.constexpr, KS: tl.constexpr,
 ):
+    """Aqk and T of one chunk as [64, 64] products over K slices of KS columns, then A = (I + T)^-1.
+
+    Row block I (16 rows) of both matrices is one product of factors decayed from the start S_I of the block:
+    x_i exp(G_i - S_I) for rows i in block I and k_j exp(S_I - G_j) for columns j in blocks <= I, both built from
+    in-block cumulative decays. Off the diagonal both exponents are <= 0; on it the second is at most the block's
+    decay (the exact fallback takes blocks that decay by more than SAFE_DECAY). The L2 norms scale rows and
+    columns afterwards, so one pass over q, k, g, b does it all with two [64, 64] accumulators live. T goes
+    through the ainv rows as scratch to be cut into the 16x16 blocks of the inverse.
+    """
     n = tl.program_id(0)
     bq = tl.program_id(1)
     bi = bq // HQ
     hq = bq % HQ
     c0 = n * 64
     row0 = bq * Tp + c0
-    zero = tl.zeros([16, 16], dtype=tl.float32)
+    r64 = tl.arange(0, 64)
+    blk = (r64 // 16)[:, None]
+    tr = tl.zeros([64, 64], dtype=tl.float32)
+    ar = tl.zeros([64, 64], dtype=tl.float32)
+    ssq = tl.zeros([64], dtype=tl.float32)
+    ssk = tl.zeros([64], dtype=tl.float32)
+    d0 = 0.0
+    d1 = 0.0
+    d2 = 0.0
+    d3 = 0.0
+    for s0 in tl.static_range(0, K, KS):
+        q = _rows(q_ptr, bi, hq, c0, T, HQ, K, 64, s0, KS)
+        k = _rows(k_ptr, bi, hq, c0, T, HQ, K, 64, s0, KS)
+        ssq += _sumsq(q)
+        ssk += _sumsq(k)
+        # in-block cumulative decay gl and block decays b0..b3: no chunk-level cumsum, whose cancellation
+        # (G_i - G_j at |G| ~ 1000) would cost fp32 digits after a strong decay
+        gl = tl.reshape(tl.cumsum(tl.reshape(_rows(g_ptr, bi, hq, c0, T, HQ, K, 64, s0, KS), [4, 16, KS]), axis=1),
+                        [64, KS])
+        b0 = _row(gl, r64, 15)
+        b1 = _row(gl, r64, 31)
+        b2 = _row(gl, r64, 47)
+        b3 = _row(gl, r64, 63)
+        d0 = tl.maximum(d0, tl.max(-b0, axis=0))                # largest decay inside each block
+        d1 = tl.maximum(d1, tl.max(-b1, axis=0))
+        d2 = tl.maximum(d2, tl.max(-b2, axis=0))
+        d3 = tl.maximum(d3, tl.max(-b3, axis=0))
+        el = tl.exp(gl)
+        lq = q * el
+        lb = _rows(b_ptr, bi, hq, c0, T, HQ, K, 64, s0, KS) * k * el
+        bsr = tl.where(blk == 0, b0[None, :], tl.where(blk == 1, b1[None, :], tl.where(blk == 2, b2[None, :],
+                                                                                     b3[None, :])))
+        kend = k * tl.exp(bsr - gl)                              # keys decayed to the end of their block
+        # diagonal factor, clamped: a block past SAFE_DECAY must stay finite (zero rows times inf poison others)
+        kdiag = k * tl.exp(tl.minimum(-gl, SAFE_DECAY))
+        for I in tl.static_range(4):
+            # columns of block J < I: from the end of J over the blocks between J and I
+            if I == 0:
+                kr = tl.where(blk == 0, kdiag, 0.0)
+            elif I == 1:
+                kr = tl.where(blk == 1, kdiag, tl.where(blk == 0, kend, 0.0))
+            elif I == 2:
+                kr = tl.where(blk == 2, kdiag, tl.where(blk == 1, kend, tl.where(blk == 0, kend * tl.exp(b1)[None, :],
+                                                                                 0.0)))
+            else:
+                kr = tl.where(blk == 3, kdiag, tl.where(blk == 2, kend, tl.where(
+                    blk == 1, kend * tl.exp(b2)[None, :], kend * tl.exp(b1 + b2)[None, :])))
+            right = tl.trans(kr)
+            tr = _dot(tl.where(blk == I, lb, 0.0), right, DOT, tr)
+            ar = _dot(tl.where(blk == I, lq, 0.0), right, DOT, ar)
+    nk = _inv_norm(ssk, L2NORM)
+    nq = _inv_norm(ssq, L2NORM) * scale
+    off = (row0 + r64).to(tl.int64)[:, None] * 64 + r64[None, :]
+    tl.store(aqk_ptr + off, tl.where(r64[:, None] >= r64[None, :], ar * nq[:, None] * nk[None, :], 0.0)
+             .to(aqk_ptr.dtype.element_ty))
+    tl.store(ainv_ptr + off, tl.where(r64[:, None] > r64[None, :], tr * nk[:, None] * nk[None, :], 0.0))
+    tl.debug_barrier()
+    for i in range(4):  # a runtime loop: one copy of the rarely taken fallback
+        decay = tl.where(i == 0, d0, tl.where(i == 1, d1, tl.where(i == 2, d2, d3)))
+        if decay >= SAFE_DECAY:  # the factored diagonal block overflowed: exact pairwise exponents instead
+            aq, tt = _diag(q_ptr, k_ptr, g_ptr, b_ptr, bi, hq, c0 + 16 * i, T, scale, HQ, K, L2NORM)
+            _st16(aqk_ptr, row0 + 16 * i, 0, 16 * i, aq)
+            _st16(ainv_ptr, row0 + 16 * i, 0, 16 * i, tt)
+    tl.debug_barrier()
+    t00 = _ld16(ainv_ptr, row0, 0, 0)
+    t11 = _ld16(ainv_ptr, row0, 16, 16)
+    t22 = _ld16(ainv_ptr, row0, 32, 32)
+    t33 = _ld16(ainv_ptr, row0, 48, 48)
+    t10 = _ld16(ainv_ptr, row0, 16, 0)
+    t20 = _ld16(ainv_ptr, row0, 32, 0)
+    t21 = _ld16(ainv_ptr, row0, 32, 16)
+    t30 = _ld16(ainv_ptr, row0, 48, 0)
+    t31 = _ld16(ainv_ptr, row0, 48, 16)
+    t32 = _ld16(ainv_ptr, row0, 48, 32)
+    tl.debug_barrier()                                      # every T block is read before A overwrites it
 
-    q, k, bk, gl, bs0, aq, t00 = _block(q_ptr, k_ptr, g_ptr, b_ptr, bi, hq, c0, T, scale, HQ, K, L2NORM,
-                                      KS, DOT)
-    _st16(aqk_ptr, row0, 0, 0, aq)
-    kr0 = k * tl.exp(bs0[None, :] - gl)                    # keys decayed to the end of block 0
-
-    q, k, bk, gl, bs1, aq, t11 = _block(q_ptr, k_ptr, g_ptr, b_ptr, bi, hq, c0 + 16, T, scale, HQ, K, L2NORM,
-                                      KS, DOT)
-    _st16(aqk_ptr, row0, 16, 16, aq)
-    e = tl.exp(gl)                                          # decay from the start of block 1
-    t10 = tl.dot(bk * e, tl.trans(kr0), input_precision=DOT)
-    _st16(aqk_ptr, row0, 16, 0, tl.dot(q * e, tl.trans(kr0), input_precision=DOT))
-    kr1 = k * tl.exp(bs1[None, :] - gl)
-
-    q, k, bk, gl, bs2, aq, t22 = _block(q_ptr, k_ptr, g_ptr, b_ptr, bi, hq, c0 + 32, T, scale, HQ, K, L2NORM,
-                                      KS, DOT)
-    _st16(aqk_ptr, row0, 32, 32, aq)
-    e = tl.exp(gl)
-    d = tl.exp(bs1)[None, :]                                # end of block 0 -> start of block 2
-    t20 = tl.dot(bk * e * d, tl.trans(kr0), input_precision=DOT)
-    _st16(aqk_ptr, row0, 32, 0, tl.dot(q * e * d, tl.trans(kr0), input_precision=DOT))
-    t21 = tl.dot(bk * e, tl.trans(kr1), input_precision=DOT)
-    _st16(aqk_ptr, row0, 32, 16, tl.dot(q * e, tl.trans(kr1), input_precision=DOT))
-    kr2 = k * tl.exp(bs2[None, :] - gl)
-
-    q, k, bk, gl, bs3, aq, t33 = _block(q_ptr, k_ptr, g_ptr, b_ptr, bi, hq, c0 + 48, T, scale, HQ, K, L2NORM,
-                                      KS, DOT)
-    _st16(aqk_ptr, row0, 48, 48, aq)
-    e = tl.exp(gl)
-    d = tl.exp(bs1 + bs2)[None, :]
-    t30 = tl.dot(bk * e * d, tl.trans(kr0), input_precision=DOT)
-    _st16(aqk_ptr, row0, 48, 0, tl.dot(q * e * d, tl.trans(kr0), input_precision=DOT))
-    d = tl.exp(bs2)[None, :]
-    t31 = tl.dot(bk * e * d, tl.trans(kr1), input_precision=DOT)
-    _st16(aqk_ptr, row0, 48, 16, tl.dot(q * e * d, tl.trans(kr1), input_precision=DOT))
-    t32 = tl.dot(bk * e, tl.trans(kr2), input_precision=DOT)
-    _st16(aqk_ptr, row0, 48, 32, tl.dot(q * e, tl.trans(kr2), input_precision=DOT))
-    _upper_zero(aqk_ptr, row0, zero)
-
-    # A = (I + T)^-1: invert the diagonal blocks, then A_IJ = -A_II sum_{J<=L<I} T_IL A_LJ
+    # A = (I + T)^-1: invert the diagonal blocks, then A_IJ = -A_II sum_{J<=L<I} T_IL A_LJ (upper blocks stay 0)
     a00 = _inv16(t00)
     a11 = _inv16(t11)
     a22 = _inv16(t22)
@@ -237,19 +301,19 @@ def _score_kernel(
     _st16(ainv_ptr, row0, 48, 16, a31)
     _st16(ainv_ptr, row0, 48, 32, a32)
     _st16(ainv_ptr, row0, 48, 48, a33)
-    _upper_zero(ainv_ptr, row0, zero)
 
 
 @triton.jit
 def _wy_kernel(
-    q_ptr, k_ptr, g_ptr, b_ptr, v_ptr, w_ptr, ainv_ptr, y_ptr, u_ptr, qg_ptr, kt_ptr, gc_ptr, T, Tp, scale,
-    HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L2NORM: tl.constexpr,
-    DOT: tl.constexpr, KC: tl.constexpr,
+    q_ptr, k_ptr, g_ptr, b_ptr, v_ptr, w_ptr, ainv_ptr, y_ptr, ylo_ptr, u_ptr, qg_ptr, kt_ptr, ktlo_ptr, gc_ptr,
+    T, Tp, scale, HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L2NORM: tl.constexpr,
+    DOT: tl.constexpr, SPLIT: tl.constexpr, KC: tl.constexpr,
 ):
     """Y = A E, U = A Z, gamma q, Ktail, gamma_C for one chunk of one q/k head (all its value heads' U).
 
     The row norms need whole rows; everything else is per key column (cumsum included), so it runs in KC-column
-    slices to keep the [64, K] fp32 tiles from spilling.
+    slices to keep the [64, K] fp32 tiles from spilling. SPLIT stores Y and Ktail as bf16 hi + lo pairs, so the
+    sequential kernel feeds them to its split products as loaded.
     """
     n = tl.program_id(0)
     bq = tl.program_id(1)
@@ -259,44 +323,50 @@ def _wy_kernel(
     r64 = tl.arange(0, 64)
     rows = (bq * Tp + c0 + r64).to(tl.int64)
     a = tl.load(ainv_ptr + rows[:, None] * 64 + r64[None, :])
-    nk = _inv_norm(_rows(k_ptr, bi, hq, c0, T, HQ, K, 64, 0, K), L2NORM)
-    nq = _inv_norm(_rows(q_ptr, bi, hq, c0, T, HQ, K, 64, 0, K), L2NORM) * scale
+    if DOT == "bf16x3":  # split A once for all its products
+        ah, al = _split(a)
+    else:
+        ah, al = a, a
+    nk = _inv_norm(_sumsq(_rows(k_ptr, bi, hq, c0, T, HQ, K, 64, 0, K)), L2NORM)
+    nq = _inv_norm(_sumsq(_rows(q_ptr, bi, hq, c0, T, HQ, K, 64, 0, K)), L2NORM) * scale
     for s0 in tl.static_range(0, K, KC):
         oc = s0 + tl.arange(0, KC)
+        off = rows[:, None] * K + oc[None, :]
         G = tl.cumsum(_rows(g_ptr, bi, hq, c0, T, HQ, K, 64, s0, KC), axis=0)
         gam = tl.exp(G)
         k = _rows(k_ptr, bi, hq, c0, T, HQ, K, 64, s0, KC) * nk[:, None]
         e = gam * _rows(b_ptr, bi, hq, c0, T, HQ, K, 64, s0, KC) * k
-        tl.store(y_ptr + rows[:, None] * K + oc[None, :], tl.dot(a, e, input_precision=DOT).to(y_ptr.dtype.element_ty))
+        _store_op(y_ptr, ylo_ptr, off, _dot_a(a, ah, al, e, DOT), SPLIT)
         glast = tl.sum(tl.where((r64 == 63)[:, None], G, 0.0), axis=0)
-        tl.store(kt_ptr + rows[:, None] * K + oc[None, :], (k * tl.exp(glast[None, :] - G)).to(kt_ptr.dtype.element_ty))
+        _store_op(kt_ptr, ktlo_ptr, off, k * tl.exp(glast[None, :] - G), SPLIT)
         tl.store(gc_ptr + (bq * (Tp // 64) + n).to(tl.int64) * K + oc, tl.exp(glast))
         q = _rows(q_ptr, bi, hq, c0, T, HQ, K, 64, s0, KC) * nq[:, None]
-        tl.store(qg_ptr + rows[:, None] * K + oc[None, :], (q * gam).to(qg_ptr.dtype.element_ty))
+        tl.store(qg_ptr + off, (q * gam).to(qg_ptr.dtype.element_ty))
     ov = tl.arange(0, V)
     for j in range(HV // HQ):                              # GVA: value heads hq*G .. hq*G+G-1 share A
         hv = hq * (HV // HQ) + j
         z = _rows(v_ptr, bi, hv, c0, T, HV, V, 64, 0, V) * _rows(w_ptr, bi, hv, c0, T, HV, V, 64, 0, V)
         vrows = ((bi * HV + hv) * Tp + c0 + r64).to(tl.int64)
-        tl.store(u_ptr + vrows[:, None] * V + ov[None, :], tl.dot(a, z, input_precision=DOT).to(u_ptr.dtype.element_ty))
+        tl.store(u_ptr + vrows[:, None] * V + ov[None, :], _dot_a(a, ah, al, z, DOT).to(u_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _state_kernel(
-    y_ptr, u_ptr, kt_ptr, gc_ptr, hs_ptr, vn_ptr, fin_ptr, codes_ptr, scales_ptr, slots_ptr, N,
+    y_ptr, ylo_ptr, u_ptr, kt_ptr, ktlo_ptr, gc_ptr, hs_ptr, vn_ptr, fin_ptr, codes_ptr, scales_ptr, slots_ptr, N,
     HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
     INIT: tl.constexpr, MODE: tl.constexpr, ROW: tl.constexpr, DOT: tl.constexpr,
 ):
     """The sequential pass: only R = U - Y S and S <- gamma_C S + Ktail^T R on the chain from chunk to chunk.
 
-    Loads of the next chunk's Y, U, Ktail do not depend on S, so num_stages > 1 prefetches them.
+    Loads of the next chunk's Y, U, Ktail do not depend on S, so num_stages > 1 prefetches them. With "bf16x3"
+    Y and Ktail arrive as hi + lo pairs and only S and R are split here. R keeps fp32 for the state update; the
+    chunk start states and R are stored for the output kernel in its operand dtype.
     """
     pv = tl.program_id(0)
     bh = tl.program_id(1)
     bi = bh // HV
     hv = bh % HV
     bq = bi * HQ + hv // (HV // HQ)
-    OP = y_ptr.dtype.element_ty
     ok = tl.arange(0, K)
     ov = pv * BV + tl.arange(0, BV)
     r64 = tl.arange(0, 64)
@@ -309,16 +379,21 @@ def _state_kernel(
         s = tl.zeros([K, BV], dtype=tl.float32)
     hs_off = ok.to(tl.int64)[:, None] * V + ov[None, :]
     for n in range(N):
-        qrows = (bq * N * 64 + n * 64 + r64).to(tl.int64)
-        vrows = (bh * N * 64 + n * 64 + r64).to(tl.int64)
-        tl.store(hs_ptr + (bh * N + n).to(tl.int64) * (K * V) + hs_off, s.to(OP))
-        y = tl.load(y_ptr + qrows[:, None] * K + ok[None, :])
-        u = tl.load(u_ptr + vrows[:, None] * V + ov[None, :]).to(tl.float32)
-        r = (u - _dot(y, s.to(OP), DOT)).to(OP)                 # residual write after the erase
-        tl.store(vn_ptr + vrows[:, None] * V + ov[None, :], r)
-        kt = tl.load(kt_ptr + qrows[:, None] * K + ok[None, :])
+        qoff = (bq * N * 64 + n * 64 + r64).to(tl.int64)[:, None] * K + ok[None, :]
+        voff = (bh * N * 64 + n * 64 + r64).to(tl.int64)[:, None] * V + ov[None, :]
+        tl.store(hs_ptr + (bh * N + n).to(tl.int64) * (K * V) + hs_off, s.to(hs_ptr.dtype.element_ty))
+        u = tl.load(u_ptr + voff).to(tl.float32)
         gc = tl.load(gc_ptr + (bq * N + n).to(tl.int64) * K + ok)
-        s = s * gc[:, None] + _dot(tl.trans(kt), r, DOT)
+        if DOT == "bf16x3":  # Y, Ktail come as hi + lo pairs (LaunchPlan.split)
+            sh, sl = _split(s)
+            r = u - _dot3(tl.load(y_ptr + qoff), tl.load(ylo_ptr + qoff), sh, sl)   # residual after the erase
+            rh, rl = _split(r)
+            s = _dot3(tl.trans(tl.load(kt_ptr + qoff)), tl.trans(tl.load(ktlo_ptr + qoff)), rh, rl,
+                      s * gc[:, None])
+        else:
+            r = u - _dot(tl.load(y_ptr + qoff), s, DOT)
+            s = _dot(tl.trans(tl.load(kt_ptr + qoff)), r, DOT, s * gc[:, None])
+        tl.store(vn_ptr + voff, r.to(vn_ptr.dtype.element_ty))
     tl.store(fin_ptr + bh.to(tl.int64) * (K * V) + hs_off, s)
 
 
@@ -343,7 +418,7 @@ def _output_kernel(
     h = tl.load(hs_ptr + (bh * N + n).to(tl.int64) * (K * V) + ok[:, None] * V + ov[None, :])
     a = tl.load(aqk_ptr + qrows[:, None] * 64 + r64[None, :])
     r = tl.load(vn_ptr + vrows[:, None] * V + ov[None, :])
-    o = _dot(qg, h, DOT) + _dot(a, r, DOT)
+    o = _dot(a, r, DOT, _dot(qg, h, DOT))
     t = n * 64 + r64
     o_off = ((bi * T + t) * HV + hv).to(tl.int64)[:, None] * V + ov[None, :]
     tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=(t < T)[:, None])
@@ -377,7 +452,52 @@ def _store_kernel(
                         bh * (K * V), MODE, ROW, 0 if ROUND == 2 else ROUND, STATIC)
 
 
-DOT_PRECISIONS = ("bf16", "bf16x3", "tf32", "tf32x3", "ieee")
+class LaunchPlan(NamedTuple):
+    """The product precision of each launch for one dot_precision (see :func:`prefill_triton`)."""
+
+    score: str   # score kernel: T and Aqk blocks (the 16x16 inverse is always fp32 FMA)
+    wy: str      # Y = A E, U = A Z
+    state: str   # R = U - Y S, S <- gamma_C S + Ktail^T R
+    out: str     # O = (gamma q) S_chunk + Aqk R
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        """Aqk, gamma q, chunk start states and R: read by the output kernel only."""
+        return torch.bfloat16 if self.out == "bf16" else torch.float32
+
+    @property
+    def wy_dtype(self) -> torch.dtype:
+        """Y and Ktail: bf16 (hi + lo pairs when split) for bf16 state products, else fp32."""
+        return torch.bfloat16 if self.state == "bf16" or self.split else torch.float32
+
+    @property
+    def u_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.state == "bf16" else torch.float32
+
+    @property
+    def split(self) -> bool:
+        """Y and Ktail stored as bf16 hi + lo pairs for the split state products."""
+        return self.state == "bf16x3"
+
+
+_PLANS = {
+    "bf16": LaunchPlan("tf32", "tf32", "bf16", "bf16"),
+    "mixed": LaunchPlan("tf32", "bf16x3", "bf16x3", "bf16"),
+    "bf16x3": LaunchPlan("tf32x3", "tf32x3", "bf16x3", "bf16x3"),
+    **{p: LaunchPlan(p, p, p, p) for p in ("tf32", "tf32x3", "ieee")},
+}
+DOT_PRECISIONS = tuple(_PLANS)
+
+
+def default_dot(dtype: torch.dtype) -> str:
+    """The default dot_precision: "mixed" for bf16 inputs (fast, S_T exact to ~0.05 int8 steps), else tf32x3."""
+    return "mixed" if dtype == torch.bfloat16 else "tf32x3"
+
+
+def launch_plan(dot: str) -> LaunchPlan:
+    if dot not in _PLANS:
+        raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot!r}")
+    return _PLANS[dot]
 
 
 def prefill_triton(
@@ -389,49 +509,56 @@ def prefill_triton(
 ) -> torch.Tensor:
     """Launch the prefill kernels. q, k, g, b: [B, T, HQ, K]; v, w: [B, T, HV, V]; returns o.
 
-    dot_precision (default "tf32x3"): the operands of the sequential and output products. "tf32x3" is the
-    default because it is the one that keeps an int8 final state within one step of the reference at 1x8192
-    (H200: 1.00002 steps; "bf16x3" 1.0003, "bf16" 1.47 steps, docs/benchmarks/kernels-check-NVIDIA-H200.json).
-    "bf16" is fla's choice (fp32 state, bf16 operands and bf16 intermediates; the score/WY kernels
-    then multiply in tf32); "bf16x3" keeps fp32 intermediates and splits each operand into bf16 hi + lo;
-    "tf32x3" kept the previous kernel's fp32 state within ~1e-6 of the reference, "tf32" drifted ~2e-3 over
-    1000 tokens (H200). block_v / state_warps / stages shape the sequential kernel, intra_warps the score and
-    WY kernels, out_block_v the output kernel (benchmark sweeps).
+    dot_precision (default "mixed" for bf16 inputs, else "tf32x3"), per launch as :class:`LaunchPlan`:
+    - "mixed": the score kernel as "bf16" (tf32) and the output kernel in bf16 (bf16 Aqk, gamma q, chunk states
+      and R), whose rounding stays out of S_T; split bf16 hi + lo products for Y, U and both state products,
+      whose rounding enters S_T (Y and Ktail stored as hi + lo pairs, U in fp32, R kept fp32 for the update).
+      A float64 emulation at 1x8192 (tools/prefill_precision.py) puts its S_T within 0.02-0.05 int8 steps of
+      the exact state (0.9-1.2 for "bf16"), the rest being the tf32 score products.
+    - "bf16": fla's choice, bf16 operands and intermediates everywhere after the score/WY kernels: the rounding
+      of Ktail, U, R and the update product puts the int8 S_T 1.47 steps from the reference (H200).
+    - "bf16x3": split products everywhere (tf32x3 in the score/WY kernels) and fp32 intermediates (Y and Ktail
+      as hi + lo pairs); "tf32x3" kept the fp32 state within ~1e-6 of the reference (H200), the default for
+      fp32 inputs; "tf32" drifted ~2e-3 over 1000 tokens; "ieee" is fp32 FMA.
+    block_v / state_warps / stages shape the sequential kernel, intra_warps the WY kernel, out_block_v the
+    output kernel (benchmark sweeps). The score kernel always runs 4 warps: at 8 (with block_v 64 and
+    out_block_v 128) the H200 check returned NaN outputs where the CPU interpreter (which has no warps) agreed
+    with the reference, so its scratch hand-off between warps is only trusted at 4.
     """
     B, T, HQ, K = k.shape
     HV, V = v.shape[2], v.shape[3]
-    dot = dot_precision or "tf32x3"
-    if dot not in DOT_PRECISIONS:
-        raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot!r}")
-    inner = {"bf16": "tf32", "bf16x3": "tf32x3"}.get(dot, dot)   # the score / WY kernels' fp32 products
+    plan = launch_plan(dot_precision or default_dot(q.dtype))
     q, k, v, g, b, w = (t.contiguous() for t in (q, k, v, g, b, w))
     N = triton.cdiv(T, CHUNK)
     Tp = N * CHUNK
     BV, BVO = min(block_v, V), min(out_block_v, V)
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
-    op = dict(dtype=torch.bfloat16 if dot == "bf16" else torch.float32, device=dev)
+    op = dict(dtype=plan.out_dtype, device=dev)
     aqk = torch.empty(B * HQ, Tp, CHUNK, **op)
     ainv = torch.empty(B * HQ, Tp, CHUNK, **f32)
-    y, qg, kt = (torch.empty(B * HQ, Tp, K, **op) for _ in range(3))
+    y, kt = (torch.empty(2 if plan.split else 1, B * HQ, Tp, K, dtype=plan.wy_dtype, device=dev) for _ in range(2))
+    qg = torch.empty(B * HQ, Tp, K, **op)
     gc = torch.empty(B * HQ, N, K, **f32)
-    u, vn = (torch.empty(B * HV, Tp, V, **op) for _ in range(2))
+    u = torch.empty(B * HV, Tp, V, dtype=plan.u_dtype, device=dev)
+    vn = torch.empty(B * HV, Tp, V, **op)
     hs = torch.empty(B * HV, N, K, V, **op)
     o = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev) if out is None else out
     fin = torch.empty(B * HV, K, V, **f32)
     sc = float(K ** -0.5 if scale is None else scale)
-    _score_kernel[(N, B * HQ)](q, k, g, b, aqk, ainv, T, Tp, sc, HQ=HQ, K=K, L2NORM=use_qk_l2norm, DOT=inner,
-                               KS=min(K, 8), num_warps=intra_warps)
-    _wy_kernel[(N, B * HQ)](q, k, g, b, v, w, ainv, y, u, qg, kt, gc, T, Tp, sc, HQ=HQ, HV=HV, K=K, V=V,
-                            L2NORM=use_qk_l2norm, DOT=inner, KC=min(K, 64), num_warps=intra_warps)
+    _score_kernel[(N, B * HQ)](q, k, g, b, aqk, ainv, T, Tp, sc, HQ=HQ, K=K, L2NORM=use_qk_l2norm, DOT=plan.score,
+                               KS=min(K, 32), num_warps=4)
+    _wy_kernel[(N, B * HQ)](q, k, g, b, v, w, ainv, y[0], y[-1], u, qg, kt[0], kt[-1], gc, T, Tp, sc, HQ=HQ, HV=HV,
+                            K=K, V=V, L2NORM=use_qk_l2norm, DOT=plan.wy, SPLIT=plan.split, KC=min(K, 32),
+                            num_warps=intra_warps)
     cx = format_constexprs(fmt)
     dummy = pool.codes
     scales = pool.scales if pool.scales is not None else dummy
     res = pool.residual if pool.residual is not None else dummy
     _state_kernel[(V // BV, B * HV)](
-        y, u, kt, gc, hs, vn, fin, pool.codes, scales, slots, N, HQ=HQ, HV=HV, K=K, V=V, BV=BV, INIT=initial,
-        MODE=cx["MODE"], ROW=cx["ROW"], DOT=dot, num_warps=state_warps, num_stages=stages)
-    _output_kernel[(N, V // BVO, B * HV)](aqk, qg, hs, vn, o, T, N, HQ=HQ, HV=HV, K=K, V=V, BV=BVO, DOT=dot,
+        y[0], y[-1], u, kt[0], kt[-1], gc, hs, vn, fin, pool.codes, scales, slots, N, HQ=HQ, HV=HV, K=K, V=V, BV=BV,
+        INIT=initial, MODE=cx["MODE"], ROW=cx["ROW"], DOT=plan.state, num_warps=state_warps, num_stages=stages)
+    _output_kernel[(N, V // BVO, B * HV)](aqk, qg, hs, vn, o, T, N, HQ=HQ, HV=HV, K=K, V=V, BV=BVO, DOT=plan.out,
                                           num_warps=4)
     stat = effective_static_scales(fmt, static_scales, HV, K, dev)
     _store_kernel[(B * HV,)](fin, pool.codes, scales, res, stat, slots, seed_tensor(fmt, seed, dev), HV=HV, K=K,

@@ -1,0 +1,133 @@
+"""Skinny fp8 GEMM for decode batches: y[m, n] = xs[m] * ws[n] * sum_k xq[m, k] * wq[n, k], M <= 256.
+
+Why hand-written: for the 1.3B decode step at M=64 cuBLASLt picks one 128x128 row-scaled fp8 kernel
+(``nvjet_sm90_qqtst_128x128_..._ovscale``) for every projection; on an H200 its 72 launches took 942 µs per step,
+~30% of HBM bandwidth for ~1.2 GB of e4m3 weights, while the bf16 split-K GEMMs of the baseline stream
+~2.6 TB/s. A decode GEMM is a weight stream: the tile over M covers the whole batch, N is cut finely enough to
+put a program on every multiprocessor, and where N alone cannot (o_proj, down: N = 2304) K is split too.
+
+The operands are e4m3 on the Hopper tensor cores (fp8 wgmma, fp32 accumulation). Both must be K-major, so the
+weight tile is loaded as stored, [BLOCK_N, BLOCK_K] with K contiguous, and only its view is transposed.
+Hopper's fp8 wgmma adds into its accumulator with fewer mantissa bits than fp32, and Triton's sm_90 default
+lets that run over the whole K loop; ``max_num_imprecise_acc=BLOCK_K`` adds each K tile's sum into a true fp32
+accumulator instead (as cuBLAS does without fast accumulation), a few FADDs per tile in a memory-bound kernel.
+The row scales multiply the accumulator once in the epilogue. A split-K launch writes its fp32 partial sums
+[S, M, N] (already scaled) and leaves the sum to the consumer (:func:`gdn2q.kernels.glue.add_rms_norm` reads
+them with the residual it adds them to), which costs no reduction launch and no atomics (deterministic).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from gdn2q.kernels.state_io import INTERPRETED
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Launch parameters of one product; ``k_split`` (a multiple of block_k) is the K range of each split."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    splits: int
+    k_split: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device; 132 (an H100/H200) for the CPU interpreter, so tests see its choices."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def gemm_config(M: int, N: int, K: int, sms: int, *, allow_split: bool = True, block_m: int | None = None,
+                block_n: int | None = None, block_k: int | None = None, splits: int | None = None,
+                num_warps: int | None = None, num_stages: int | None = None) -> GemmConfig:
+    """The default launch for an [M, K] x [N, K]^T product on ``sms`` multiprocessors; keywords override it.
+
+    One M block covers a decode batch of up to 64 rows, so the weight is read once (smaller batches wrap rows
+    and still get the 64-row fp8 wgmma; a 16-row tile would fall back to fp16 mma.sync on converted codes).
+    BLOCK_N is 128 where that still gives every multiprocessor a program, else 64; if the programs still do not
+    fill the GPU, K is split, at most until the partial sums (S * M * 4 bytes per output column, written and
+    read back) reach half the weight bytes (K per column).
+    """
+    if splits is not None and splits > 1 and not allow_split:
+        raise ValueError("split-K needs a consumer of partial sums (partials=True)")
+    bm = block_m or (64 if M <= 64 else 128)
+    m_blocks = triton.cdiv(M, bm)
+    bn = block_n or (128 if triton.cdiv(N, 128) * m_blocks >= sms else 64)
+    bk = block_k or 128
+    k_tiles = triton.cdiv(K, bk)
+    if splits is None:
+        tiles = triton.cdiv(N, bn) * m_blocks
+        splits = 1
+        if allow_split and tiles < sms:
+            splits = max(1, min(triton.cdiv(sms, tiles), k_tiles, K // (8 * M)))
+    k_split = triton.cdiv(k_tiles, max(1, splits)) * bk
+    stage_bytes = (bm + bn) * bk
+    return GemmConfig(block_m=bm, block_n=bn, block_k=bk, splits=triton.cdiv(K, k_split), k_split=k_split,
+                      num_warps=num_warps or (8 if bm >= 128 else 4),
+                      num_stages=num_stages or max(2, min(5, (128 << 10) // stage_bytes)))
+
+
+@triton.jit
+def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of split program_id(1): out[s, m, n] for x [M, K], w [N, K] (contiguous)."""
+    pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # rows past M or N read a valid row again (wrapped) instead of masking every load; the store drops them
+    lm, ln = rm % M, rn % N
+    k0 = pid_s * K_SPLIT
+    x_ptrs = x_ptr + lm.to(tl.int64)[:, None] * K + (k0 + rk)[None, :]
+    w_ptrs = w_ptr + ln.to(tl.int64)[:, None] * K + (k0 + rk)[None, :]
+    k_len = tl.minimum(K_SPLIT, K - k0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, k_len, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            a = tl.load(x_ptrs, mask=rk[None, :] < k_len - k, other=0.0)
+            b = tl.load(w_ptrs, mask=rk[None, :] < k_len - k, other=0.0)
+        if INTERPRETED:   # the CPU interpreter has no fp8 dot; e4m3 values are exact in fp32
+            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+        else:   # the tile's fp8 wgmma sum is promoted into the fp32 accumulator (see the module docstring)
+            acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BLOCK_K)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    y = acc * tl.load(xs_ptr + lm)[:, None] * tl.load(ws_ptr + ln)[None, :]
+    out = out_ptr + pid_s.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16, *, partials: bool = False, **overrides) -> torch.Tensor:
+    """(xq * xs) (wq * ws)^T for xq [M, K] e4m3 with xs [M, 1] fp32, wq [N, K] e4m3 with ws [N] fp32.
+
+    Returns [M, N] in ``out_dtype``; with ``partials=True`` the launch may split K and then returns the fp32
+    partial sums [S, M, N], which the caller must sum over S. ``overrides`` are :func:`gemm_config` keywords.
+    """
+    M, K = xq.shape
+    N = wq.shape[0]
+    cfg = gemm_config(M, N, K, sm_count(xq.device), allow_split=partials, **overrides)
+    xq, xs, wq, ws = xq.contiguous(), xs.float().contiguous(), wq.contiguous(), ws.float().contiguous()
+    if cfg.splits == 1:
+        out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
+    else:
+        out = torch.empty(cfg.splits, M, N, dtype=torch.float32, device=xq.device)
+    grid = (triton.cdiv(N, cfg.block_n), cfg.splits, triton.cdiv(M, cfg.block_m))
+    _fp8_gemm_kernel[grid](xq, xs, wq, ws, out, M, N, K, cfg.k_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                           BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0, num_warps=cfg.num_warps,
+                           num_stages=cfg.num_stages)
+    return out
+

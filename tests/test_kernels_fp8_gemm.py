@@ -1,0 +1,135 @@
+"""The skinny fp8 GEMM (gdn2q.kernels.fp8_gemm) against the fp32 product of the same e4m3 operands.
+
+Without CUDA it runs under the Triton interpreter (tiles upcast to fp32 before tl.dot), which checks the
+indexing, masking, K splits and scaling; on a GPU the same tests run the fp8 tensor cores, and
+tools/bench_fp8_gemm.py checks the full 1.3B shapes. Every buffer the kernel allocates starts as NaN, so an
+element it forgets to write fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from gdn2q.config import GDN2Config
+from gdn2q.kernels import fp8_gemm, glue
+from gdn2q.kernels.bench import KernelLM
+from gdn2q.model.gdn2 import GDN2Mixer
+from gdn2q.model.lm import GDN2ForCausalLM
+from gdn2q.quant.state import StateQuantConfig
+
+pytestmark = pytest.mark.skipif(not glue.use_triton(torch.empty(0, device="cuda" if torch.cuda.is_available()
+                                                                 else "cpu")), reason="Triton cannot run here")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+fp8_linear = importlib.import_module("gdn2q.kernels.fp8_linear")   # the package exports a function of that name
+# The interpreter multiplies in fp32; Hopper's fp8 wgmma sums each K tile with fewer mantissa bits than fp32.
+TOL = 1e-5 if os.environ.get("TRITON_INTERPRET") == "1" else 2 ** -11
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _operands(M: int, N: int, K: int, seed: int):
+    """e4m3 activation rows and weight rows with their scales, rows of very different magnitudes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * torch.logspace(-2, 1, M)[:, None]
+    w = torch.randn(N, K, generator=g) * torch.logspace(-3, 0, N)[:, None]
+    xq, xs = fp8_linear.quantize_rows_reference(x)
+    wq, ws = fp8_linear.quantize_weight_fp8(w)
+    ref = (xq.double() * xs.double()) @ (wq.double() * ws.double()[:, None]).t()
+    return xq.to(DEV), xs.to(DEV), wq.to(DEV), ws.to(DEV), ref.to(DEV)
+
+
+@pytest.mark.parametrize(("M", "N", "K", "overrides", "splits"), [
+    (5, 70, 96, {"block_k": 32}, 2),                                # M, N not multiples of the block; split by default
+    (70, 40, 200, {"block_k": 64, "splits": 1}, 1),                 # two M blocks; K tail masked
+    (3, 130, 160, {"block_n": 32, "block_k": 32, "splits": 3}, 3),  # the last split is shorter
+    (17, 48, 80, {"block_m": 16, "block_k": 32, "splits": 2}, 2),   # a split that ends inside a K tile
+])
+def test_fp8_gemm_matches_fp32_product(M: int, N: int, K: int, overrides: dict, splits: int):
+    xq, xs, wq, ws, ref = _operands(M, N, K, seed=M + N + K)
+    y = fp8_gemm.fp8_gemm(xq, xs, wq, ws, torch.float32, partials=True, **overrides)
+    if splits == 1:
+        assert y.shape == (M, N) and y.dtype == torch.float32
+    else:
+        assert y.shape == (splits, M, N) and y.dtype == torch.float32
+        y = y.sum(0)
+    torch.testing.assert_close(y.double(), ref, rtol=TOL, atol=TOL / 10 * ref.abs().max().item())
+
+
+def test_fp8_gemm_without_partials_never_splits_and_writes_out_dtype():
+    M, N, K = 4, 24, 512
+    xq, xs, wq, ws, ref = _operands(M, N, K, seed=5)
+    assert fp8_gemm.gemm_config(M, N, K, 132, allow_split=True).splits > 1   # would split with a consumer
+    y = fp8_gemm.fp8_gemm(xq, xs, wq, ws, torch.bfloat16, block_k=64)
+    assert y.shape == (M, N) and y.dtype == torch.bfloat16
+    # one bf16 step: the interpreter's own fp32 -> bf16 cast truncates instead of rounding to nearest
+    torch.testing.assert_close(y.double(), ref, rtol=2 ** -7, atol=TOL / 10 * ref.abs().max().item())
+    with pytest.raises(ValueError, match="partials"):
+        fp8_gemm.fp8_gemm(xq, xs, wq, ws, torch.bfloat16, splits=2)
+
+
+@pytest.mark.parametrize("M", [1, 64, 256])
+def test_gemm_config_fills_the_gpu_for_the_1b3_shapes(M: int):
+    """The wide projections fill 132 multiprocessors without a split; the narrow ones split K, with the
+    partial sums kept to at most half the weight bytes."""
+    for N, K, allow_split in ((10496, 2304, False), (12416, 2304, False), (2304, 2048, True), (2304, 6208, True)):
+        cfg = fp8_gemm.gemm_config(M, N, K, 132, allow_split=allow_split)
+        programs = -(-N // cfg.block_n) * -(-M // cfg.block_m) * cfg.splits
+        assert cfg.k_split % cfg.block_k == 0 and (cfg.splits - 1) * cfg.k_split < K <= cfg.splits * cfg.k_split
+        assert cfg.splits * M * 4 <= K / 2 or cfg.splits == 1
+        if allow_split and M <= 64:
+            assert programs >= 132
+        assert allow_split or cfg.splits == 1
+
+
+def _model() -> GDN2ForCausalLM:
+    torch.manual_seed(0)
+    cfg = GDN2Config(hidden_size=64, num_hidden_layers=2, num_heads=1, num_v_heads=2, head_dim=32, vocab_size=97,
+                     intermediate_size=96)
+    model = GDN2ForCausalLM(cfg).eval()
+    for m in model.modules():
+        if isinstance(m, GDN2Mixer):
+            torch.nn.init.uniform_(m.A_log, 0.0, 1.0)
+            torch.nn.init.uniform_(m.dt_bias, -3.0, 0.0)
+    return model
+
+
+def test_kernel_lm_with_the_triton_gemm_and_split_partials(monkeypatch):
+    """KernelLM fp8 with every projection on the Triton GEMM, o_proj and down as split-K partials summed by
+    add_rms_norm (and by prefill's last residual add), computes the logits of the fp32 fallback product."""
+    model = _model().to(DEV)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1)).to(DEV)
+    fmt = StateQuantConfig("fp32")
+    with torch.no_grad(), monkeypatch.context() as mp:
+        mp.setattr(fp8_linear, "_triton_gemm_ok", lambda x: False)
+        mp.setattr(fp8_linear, "_scaled_mm_ok", lambda x, N: False)
+        want = KernelLM(model, batch=2, fmt=fmt, recipe="fp8")
+        ref = [want.prefill(ids[:, :6]), want.decode(ids[:, 6])]
+    real_config = fp8_gemm.gemm_config
+    splits_seen = []
+
+    def small_tiles(M, N, K, sms, *, allow_split=True, **kw):
+        cfg = real_config(M, N, K, sms, allow_split=allow_split, block_k=32, splits=2 if allow_split else 1, **kw)
+        splits_seen.append(cfg.splits)
+        return cfg
+
+    monkeypatch.setattr(fp8_linear, "_triton_gemm_ok", lambda x: x.shape[0] <= fp8_linear.GEMM_MAX_M)
+    monkeypatch.setattr(fp8_gemm, "gemm_config", small_tiles)
+    with torch.no_grad():
+        lm = KernelLM(model, batch=2, fmt=fmt, recipe="fp8")
+        got = [lm.prefill(ids[:, :6]), lm.decode(ids[:, 6])]
+    assert 1 in splits_seen and 2 in splits_seen
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=10 * TOL, atol=10 * TOL)

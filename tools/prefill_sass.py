@@ -1,0 +1,73 @@
+"""Registers, spills and SASS mix of the five prefill kernels at the deployed shape, compiled for sm_90 on the CPU.
+
+Uses tools/sass_report.py (Triton's bundled ptxas/nvdisasm; no device time), with the arguments
+gdn2q.kernels.prefill.prefill_triton passes at H=16, K=V=128, bf16 inputs, an int8 row-scaled pool and its
+default launch options. ``HGMMA`` counts tensor-core instructions, ``STL``/``LDL`` local-memory spill traffic.
+Usage: python tools/prefill_sass.py [--dot bf16 mixed ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sass_report import compile_sm90, report  # noqa: E402
+
+from gdn2q.kernels import prefill  # noqa: E402
+from gdn2q.kernels.state_io import format_constexprs  # noqa: E402
+from gdn2q.quant.state import StateQuantConfig  # noqa: E402
+
+H, K, V = 16, 128, 128
+SHOWN = ("HGMMA", "HMMA", "STL", "LDL", "LDG", "STG", "LDS", "STS", "FFMA", "MUFU", "BAR")
+
+
+def kernels(dot: str) -> list[tuple[str, object, dict, dict, int, int]]:
+    """(name, kernel, signature, constexprs, warps, stages) of each launch of prefill_triton for ``dot``."""
+    plan = prefill.launch_plan(dot)
+    t = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+    op, wy, u = t[plan.out_dtype], t[plan.wy_dtype], t[plan.u_dtype]
+    cx = format_constexprs(StateQuantConfig("int8"))
+    ins = {"q_ptr": "*bf16", "k_ptr": "*bf16", "g_ptr": "*fp32", "b_ptr": "*bf16"}
+    score = {**ins, "aqk_ptr": op, "ainv_ptr": "*fp32", "T": "i32", "Tp": "i32", "scale": "fp32"}
+    wyk = {**ins, "v_ptr": "*bf16", "w_ptr": "*bf16", "ainv_ptr": "*fp32", "y_ptr": wy, "ylo_ptr": wy, "u_ptr": u,
+           "qg_ptr": op, "kt_ptr": wy, "ktlo_ptr": wy, "gc_ptr": "*fp32", "T": "i32", "Tp": "i32", "scale": "fp32"}
+    state = {"y_ptr": wy, "ylo_ptr": wy, "u_ptr": u, "kt_ptr": wy, "ktlo_ptr": wy, "gc_ptr": "*fp32", "hs_ptr": op,
+             "vn_ptr": op, "fin_ptr": "*fp32", "codes_ptr": "*i8", "scales_ptr": "*fp32", "slots_ptr": "*i32",
+             "N": "i32"}
+    out = {"aqk_ptr": op, "qg_ptr": op, "hs_ptr": op, "vn_ptr": op, "o_ptr": "*bf16", "T": "i32", "N": "i32"}
+    store = {"fin_ptr": "*fp32", "codes_ptr": "*i8", "scales_ptr": "*fp32", "res_ptr": "*i8",
+             "static_ptr": "*fp32", "slots_ptr": "*i32", "seed_ptr": "*i64"}
+    heads = {"HQ": H, "HV": H, "K": K, "V": V}
+    return [
+        ("score", prefill._score_kernel, score, {"HQ": H, "K": K, "L2NORM": True, "DOT": plan.score, "KS": 32}, 4, 3),
+        ("wy", prefill._wy_kernel, wyk, {**heads, "L2NORM": True, "DOT": plan.wy, "SPLIT": plan.split,
+                                         "KC": 32}, 4, 3),
+        ("state", prefill._state_kernel, state, {**heads, "BV": 32, "INIT": True, "MODE": cx["MODE"],
+                                                 "ROW": cx["ROW"], "DOT": plan.state}, 4, 2),
+        ("output", prefill._output_kernel, out, {**heads, "BV": 64, "DOT": plan.out}, 4, 3),
+        ("store", prefill._store_kernel, store, {"HV": H, "K": K, "V": V, "INIT": True, **cx}, 4, 3),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dot", nargs="*", default=["bf16", "mixed"], choices=prefill.DOT_PRECISIONS)
+    a = ap.parse_args()
+    print("| dot | kernel | REG | STACK | SHARED | instructions | " + " | ".join(SHOWN) + " |")
+    print("|---" * (6 + len(SHOWN)) + "|")
+    for dot in a.dot:
+        for name, fn, sig, const, warps, stages in kernels(dot):
+            usage, ops, _ = report(compile_sm90(fn, sig, const, warps, stages))
+            cells = [str(usage.get(x, 0)) for x in ("REG", "STACK", "SHARED")] + [str(sum(ops.values()))]
+            print(f"| {dot} | {name} | " + " | ".join(cells + [str(ops.get(x, 0)) for x in SHOWN]) + " |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
