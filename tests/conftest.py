@@ -42,3 +42,15 @@ def checkpoint():
 def corpus():
     """corpus("shakespeare_eval.txt") -> Path of a corpus text file."""
     return lambda name: shared_path("data", "corpus", name)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty filled with NaN (-1 for integers), so a kernel that leaves an output element unwritten fails."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    monkeypatch.setattr(torch, "empty", empty)

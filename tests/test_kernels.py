@@ -238,3 +238,12 @@ def test_gpu_full_shape_checks():
     for fmt in (StateQuantConfig("int8"), StateQuantConfig("fp8", rounding="error-feedback")):
         row = mod.check_decode(fmt)
         assert row["ok"], row
+
+
+def test_decode_launch_rejects_unknown_options():
+    """A misspelt launch override fails loudly instead of silently running the default launch."""
+    from gdn2q.kernels.decode import launch_params
+
+    with pytest.raises(TypeError, match="blockk"):
+        launch_params(StateQuantConfig("int8"), 8, 4, blockk=8)
+    assert launch_params(StateQuantConfig("int8"), 8, 4, block_k=16, unroll=None)["block_k"] == 16

@@ -21,23 +21,13 @@ from gdn2q.model.gdn2 import GDN2Mixer
 from gdn2q.model.lm import GDN2ForCausalLM
 from gdn2q.quant.state import StateQuantConfig
 
-pytestmark = pytest.mark.skipif(not glue.use_triton(torch.empty(0, device="cuda" if torch.cuda.is_available()
-                                                                 else "cpu")), reason="Triton cannot run here")
+pytestmark = [pytest.mark.skipif(not glue.use_triton(torch.empty(0, device="cuda" if torch.cuda.is_available()
+                                                                  else "cpu")), reason="Triton cannot run here"),
+              pytest.mark.usefixtures("poisoned_empty")]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 fp8_linear = importlib.import_module("gdn2q.kernels.fp8_linear")   # the package exports a function of that name
 # The interpreter multiplies in fp32; Hopper's fp8 wgmma sums each K tile with fewer mantissa bits than fp32.
 TOL = 1e-5 if os.environ.get("TRITON_INTERPRET") == "1" else 2 ** -11
-
-
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        return t.fill_(float("nan") if t.is_floating_point() else -1)
-
-    monkeypatch.setattr(torch, "empty", empty)
 
 
 def _operands(M: int, N: int, K: int, seed: int):

@@ -12,20 +12,10 @@ import torch
 from gdn2q.kernels import glue
 from gdn2q.kernels.reference import gates
 
-pytestmark = pytest.mark.skipif(not glue.use_triton(torch.empty(0, device="cuda" if torch.cuda.is_available()
-                                                                 else "cpu")), reason="Triton cannot run here")
+pytestmark = [pytest.mark.skipif(not glue.use_triton(torch.empty(0, device="cuda" if torch.cuda.is_available()
+                                                                  else "cpu")), reason="Triton cannot run here"),
+              pytest.mark.usefixtures("poisoned_empty")]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        return t.fill_(float("nan") if t.is_floating_point() else -1)
-
-    monkeypatch.setattr(torch, "empty", empty)
 
 
 def _rand(*shape, seed: int, dtype=torch.float32) -> torch.Tensor:

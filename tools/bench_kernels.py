@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # gpu_check_kernels, for its state error
 
 from gdn2q.kernels import new_state_pool  # noqa: E402
+from gdn2q.kernels.bench import capture_graph  # noqa: E402
 from gdn2q.kernels.decode import decode_triton, launch_tier  # noqa: E402
 from gdn2q.kernels.prefill import default_dot, prefill_triton  # noqa: E402
 from gdn2q.quant.state import StateQuantConfig  # noqa: E402
@@ -46,16 +47,7 @@ def copy_bandwidth() -> float:
 
 def graph_us(fn) -> float:
     """Median µs of fn replayed from a CUDA graph (launch gaps removed, as a serving loop would run it)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3
+    return do_bench(capture_graph(fn, warmup=3).replay, warmup=25, rep=200, return_mode="median") * 1e3
 
 
 def _decode_inputs(B: int):
@@ -315,7 +307,8 @@ def main() -> None:
     ap.add_argument("--only", choices=("decode", "prefill"), default=None)
     ap.add_argument("--tune", action="store_true",
                     help="time launch-parameter variants first and use the fastest in the table")
-    ap.add_argument("--states", nargs="+", default=["fp32", "bf16", "int8", "fp8"], help="states --tune sweeps")
+    ap.add_argument("--states", nargs="+", default=["fp32", "bf16", "int8", "fp8"], choices=list(STATES),
+                    help="states --tune sweeps")
     ap.add_argument("--prefill-variant", help=argparse.SUPPRESS)   # child process of tune_prefill
     args = ap.parse_args()
     if args.prefill_variant:

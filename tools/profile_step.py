@@ -20,30 +20,17 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gdn2q.kernels.bench import CONFIG_1B3, KernelLM  # noqa: E402
+from gdn2q.kernels.bench import CONFIG_1B3, KernelLM, capture_graph  # noqa: E402
 from gdn2q.model.gdn2 import GDN2Mixer  # noqa: E402
 from gdn2q.model.lm import GDN2ForCausalLM  # noqa: E402
 from gdn2q.quant.state import StateQuantConfig  # noqa: E402
-
-
-def _graphed_step(lm: KernelLM, tok: torch.Tensor) -> torch.cuda.CUDAGraph:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            lm.decode(tok)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        lm.decode(tok)
-    return graph
 
 
 def profile_step(model: GDN2ForCausalLM, batch: int, recipe: str, state: str, replays: int = 5) -> dict:
     """GPU µs per decode step by kernel name (and the step's wall time) for one recipe and state format."""
     lm = KernelLM(model, batch, StateQuantConfig(state), recipe)
     tok = torch.randint(0, model.config.vocab_size, (batch,), device="cuda")
-    graph = _graphed_step(lm, tok)
+    graph = capture_graph(lambda: lm.decode(tok))
     for _ in range(10):
         graph.replay()
     torch.cuda.synchronize()

@@ -182,6 +182,21 @@ class KernelLM:
         return self._logits(x.view(B, T, -1)[:, -1].contiguous(), None)
 
 
+def capture_graph(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
+    """fn captured in a CUDA graph, after ``warmup`` calls on a side stream (compiles, allocator pools), as a
+    serving loop would replay it."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def _timed(fn, reps: int) -> float:
     """Seconds per call (device-synchronised wall clock, after one warm-up call)."""
     fn()
@@ -223,18 +238,7 @@ def bench_model(model_or_config: GDN2ForCausalLM | GDN2Config | None = None, bat
     prefill_s = _timed(lambda: lm.prefill(ids), reps=2)
     tok = torch.randint(0, c.vocab_size, (batch,), device=device)
     graphed = device == "cuda"
-    step = lambda: lm.decode(tok)  # noqa: E731
-    if graphed:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                lm.decode(tok)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            lm.decode(tok)
-        step = graph.replay
+    step = capture_graph(lambda: lm.decode(tok)).replay if graphed else lambda: lm.decode(tok)
     decode_s = _timed(step, reps=decode_reps)
     return {"backend": backend(ids, c.head_dim, c.head_v_dim, fmt), "cuda_graph": graphed, "device": str(device),
             "card": torch.cuda.get_device_name() if device == "cuda" else "cpu", "batch": batch,

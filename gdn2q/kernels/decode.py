@@ -47,6 +47,17 @@ def softplus(x):
 
 
 @triton.jit
+def gates_from_preactivations(f, b, a_log, dt_bias, NEG_EIG: tl.constexpr):
+    """(log decay g = -exp(A_log) softplus(f + dt_bias), erase gate sigmoid(b), doubled with negative
+    eigenvalues), fp32 (GDN2_SPEC.md 1.2 steps 3-4)."""
+    g = -tl.exp(a_log) * softplus(f + dt_bias)
+    b = tl.sigmoid(b)
+    if NEG_EIG:
+        b = 2.0 * b
+    return g, b
+
+
+@triton.jit
 def _tile_of(t, n_tiles, slots_ptr, HV: tl.constexpr, NPV: tl.constexpr):
     """(sequence, value head, V block, valid, pool head index) of work tile t.
 
@@ -73,12 +84,9 @@ def _key_vectors(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, bi, hv, scale, H
     k = tl.load(k_ptr + off).to(tl.float32)
     g = tl.load(g_ptr + off).to(tl.float32)
     b = tl.load(b_ptr + off).to(tl.float32)
-    if FUSED:  # g holds f = f_proj(x), b a pre-activation (GDN2_SPEC.md 1.2 steps 3-4)
-        a = tl.exp(tl.load(alog_ptr + hq).to(tl.float32))
-        g = -a * softplus(g + tl.load(dtb_ptr + hq * K + ok).to(tl.float32))
-        b = tl.sigmoid(b)
-        if NEG_EIG:
-            b = 2.0 * b
+    if FUSED:  # g holds f = f_proj(x), b a pre-activation
+        g, b = gates_from_preactivations(g, b, tl.load(alog_ptr + hq).to(tl.float32),
+                                         tl.load(dtb_ptr + hq * K + ok).to(tl.float32), NEG_EIG)
     if L2NORM:
         q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6)
         k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
@@ -168,12 +176,9 @@ def _stage_rows(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, scales_ptr, rows_
         mk = tl.rsqrt(kk + 1e-6)
     q = q * mq
     k = k * mk
-    if FUSED:  # g holds f = f_proj(x), b a pre-activation (GDN2_SPEC.md 1.2 steps 3-4)
-        a = tl.exp(tl.load(alog_ptr + hq).to(tl.float32))
-        g = -a * softplus(g + tl.load(dtb_ptr + hq * K + ok).to(tl.float32))
-        b = tl.sigmoid(b)
-        if NEG_EIG:
-            b = 2.0 * b
+    if FUSED:  # g holds f = f_proj(x), b a pre-activation
+        g, b = gates_from_preactivations(g, b, tl.load(alog_ptr + hq).to(tl.float32),
+                                         tl.load(dtb_ptr + hq * K + ok).to(tl.float32), NEG_EIG)
     d = sc * tl.exp(g)
     dc = tl.maximum(d, D_TINY)
     tl.debug_barrier()          # the previous tile's passes have read the scratch
@@ -413,6 +418,9 @@ def launch_tier(heads: int, sms: int) -> str:
 def launch_params(fmt: StateQuantConfig, heads: int, sms: int, **overrides: int | None) -> dict[str, int]:
     """The launch of ``LAUNCH`` for ``heads`` tiles, with the non-None overrides applied."""
     base = dict(LAUNCH[("8bit" if fmt.quantized else fmt.dtype, launch_tier(heads, sms))])
+    known = {"num_warps", "programs_per_sm", "stages", "block_v", "block_k", "unroll"}
+    if unknown := set(overrides) - known:
+        raise TypeError(f"unknown decode launch option(s) {sorted(unknown)}; choose from {sorted(known)}")
     base.update({k: v for k, v in overrides.items() if v is not None})
     return base
 

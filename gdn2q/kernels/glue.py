@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from gdn2q.kernels.decode import softplus
+from gdn2q.kernels.decode import gates_from_preactivations
 from gdn2q.kernels.fp8_linear import FP8, Fp8Rows, quantize_rows_reference
 from gdn2q.kernels.reference import gates
 from gdn2q.kernels.state_io import fp8_ulp, rne
@@ -201,10 +201,10 @@ def _decode_inputs_kernel(y1_ptr, y2_ptr, win_ptr, taps_ptr, cb_ptr, alog_ptr, d
     if GATES:
         is_f = c >= F0
         fc = tl.where(is_f, c - F0, 0)
-        a = tl.exp(tl.load(alog_ptr + fc // HK, mask=live & is_f, other=0.0).to(tl.float32))
-        g = -a * softplus(val + tl.load(dtb_ptr + fc, mask=live & is_f, other=0.0).to(tl.float32))
-        gate = tl.sigmoid(val)
-        if NEG_EIG:
+        g, gate = gates_from_preactivations(
+            val, val, tl.load(alog_ptr + fc // HK, mask=live & is_f, other=0.0).to(tl.float32),
+            tl.load(dtb_ptr + fc, mask=live & is_f, other=0.0).to(tl.float32), False)
+        if NEG_EIG:   # only b doubles; w is a plain sigmoid
             gate = tl.where(c < C + KD, 2.0 * gate, gate)
         tl.store(out_ptr + B * start + row * size + (c - start), val.to(out_ptr.dtype.element_ty), mask=conv)
         tl.store(gout_ptr + B * (start - C) + row * size + (c - start), tl.where(is_f, g, gate),

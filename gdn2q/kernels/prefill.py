@@ -38,6 +38,14 @@ SAFE_DECAY: tl.constexpr = tl.constexpr(60.0)
 
 
 @triton.jit
+def _value_head(bh, HQ: tl.constexpr, HV: tl.constexpr):
+    """(sequence, value head, sequence x q/k head) of program index bh = sequence x value head (GVA)."""
+    bi = bh // HV
+    hv = bh % HV
+    return bi, hv, bi * HQ + hv // (HV // HQ)
+
+
+@triton.jit
 def _rows(ptr, bi, h, t0, T, H: tl.constexpr, D: tl.constexpr, R: tl.constexpr, c0: tl.constexpr,
           C: tl.constexpr):
     """Rows t0..t0+R, columns c0..c0+C of head h of a [B, T, H, D] tensor, as fp32 (0 past T)."""
@@ -364,9 +372,7 @@ def _state_kernel(
     """
     pv = tl.program_id(0)
     bh = tl.program_id(1)
-    bi = bh // HV
-    hv = bh % HV
-    bq = bi * HQ + hv // (HV // HQ)
+    bi, hv, bq = _value_head(bh, HQ, HV)
     ok = tl.arange(0, K)
     ov = pv * BV + tl.arange(0, BV)
     r64 = tl.arange(0, 64)
@@ -406,9 +412,7 @@ def _output_kernel(
     n = tl.program_id(0)
     pv = tl.program_id(1)
     bh = tl.program_id(2)
-    bi = bh // HV
-    hv = bh % HV
-    bq = bi * HQ + hv // (HV // HQ)
+    bi, hv, bq = _value_head(bh, HQ, HV)
     ok = tl.arange(0, K)
     ov = pv * BV + tl.arange(0, BV)
     r64 = tl.arange(0, 64)
