@@ -104,9 +104,10 @@ def test_decode_step_matches_reference(fmt: StateQuantConfig):
     (StateQuantConfig("int8", granularity="head"), None, {"block_k": 4, "unroll": 2, "num_warps": 1}),
     (StateQuantConfig("fp8"), None, {"block_k": 8, "num_warps": 2, "unroll": 4}),
     (StateQuantConfig("int8", rounding="error-feedback"), None, {"block_k": 16, "num_warps": 1}),
-    (StateQuantConfig("fp8", scales="static"), None, {"block_k": 8, "stages": 3})],
+    (StateQuantConfig("fp8", scales="static"), None, {"block_k": 8, "stages": 3}),
+    (StateQuantConfig("bf16"), 16, {"num_warps": 1, "stages": 2})],
     ids=["fp32-split-v", "int8", "fp8-ef", "int8-head-bk4-unroll2", "fp8-bk8-unroll4", "int8-ef-bk16",
-         "fp8-static-bk8"])
+         "fp8-static-bk8", "bf16-split-v-pipelined"])
 def test_decode_persistent_grid_walks_every_tile(fmt: StateQuantConfig, block_v: int | None, launch: dict):
     """One program per multiprocessor (4 under the interpreter) for 6 or 12 tiles: each program updates
     several tiles in turn, padding included, for any block of key rows and unrolling of the int8/fp8 passes."""

@@ -77,12 +77,14 @@ def _variants(keys: str, *values: tuple) -> list[dict]:
 
 
 # launch variants swept by --tune (decode_triton keyword arguments), per kind of state
+# stages > 1: Triton streams the blocks of each pass through shared memory with asynchronous copies, several
+# blocks ahead, so a program waits for memory once per pass instead of once per block.
 DECODE_VARIANTS = {
     "float": _variants("num_warps block_v programs_per_sm stages", (4, 64, 4, 1), (2, 32, 8, 1), (2, 32, 10, 1),
-                       (2, 16, 16, 1), (4, 32, 8, 1)),
-    "quantized": _variants("num_warps block_k unroll stages programs_per_sm", (1, 4, 4, 1, 24), (1, 4, 4, 1, 32),
-                           (1, 4, 2, 1, 24), (1, 8, 2, 1, 12), (1, 8, 2, 1, 16), (2, 8, 4, 1, 12),
-                           (4, 16, 2, 1, 6), (4, 128, 1, 1, 2)),
+                       (4, 32, 8, 1), (2, 32, 8, 3)),
+    "quantized": _variants("num_warps block_k unroll stages programs_per_sm", (1, 8, 2, 1, 16), (2, 8, 4, 1, 12),
+                           (4, 128, 1, 1, 2), (4, 128, 1, 2, 2), (2, 8, 2, 3, 10), (1, 8, 2, 3, 12),
+                           (1, 8, 2, 3, 16), (1, 8, 1, 4, 16), (1, 8, 2, 4, 16)),
 }
 
 

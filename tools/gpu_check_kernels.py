@@ -172,7 +172,8 @@ def run_all() -> list[dict]:
             StateQuantConfig("fp8", rounding="error-feedback"), StateQuantConfig("int8", rounding="stochastic"),
             StateQuantConfig("fp8", granularity="head"), StateQuantConfig("fp8", scales="static")]
     rows = [_guarded(check_decode, f) for f in fmts]
-    rows += [_guarded(check_decode, StateQuantConfig(d), B=256) for d in ("int8", "fp8", "bf16")]
+    rows += [_guarded(check_decode, StateQuantConfig(d), B=256) for d in ("int8", "fp8", "bf16", "fp32")]
+    rows += [_guarded(check_decode, StateQuantConfig(d), B=B) for d in ("int8", "fp8") for B in (1, 8)]  # few tiles
     rows.append(_guarded(check_decode, StateQuantConfig("int8"), fused=True))
     rows += run_prefill()
     return rows

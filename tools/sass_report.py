@@ -4,7 +4,11 @@ Costs no device time: Triton's bundled ptxas/nvdisasm/cuobjdump do the work. Use
 whether a change cut the per-element instruction count or pushed the kernel into local memory (STL/LDL).
 
     python tools/sass_report.py gdn2q.kernels.decode:_decode_kernel \
-        --sig '{"q_ptr": "*bf16", ...}' --const '{"K": 128, ...}' --warps 4 [--sass out.sass]
+        --sig '{"q_ptr": "*bf16", ...}' --const '{"K": 128, ...}' --warps 4 \
+        [--div16 N K] [--sass out.sass] [--ptx out.ptx]
+
+``--div16`` names the integer arguments a launch passes as multiples of 16: Triton's launcher specializes those
+(as it marks 16-byte aligned pointers), and address arithmetic on them decides whether loads vectorize.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from triton.compiler import ASTSource
 
 
 def compile_sm90(fn, signature: dict[str, str], constexprs: dict[str, object], num_warps: int,
-                 num_stages: int = 3):
-    """Compiled kernel for sm_90 (pointer arguments marked 16-byte aligned, as the launches pass them)."""
+                 num_stages: int = 3, div16: tuple[str, ...] = ()):
+    """Compiled kernel for sm_90 (pointer arguments marked 16-byte aligned, as the launches pass them, and the
+    integer arguments named in div16 marked multiples of 16)."""
     names = list(fn.arg_names)
     sig = {n: (signature[n] if n in signature else "constexpr") for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t.startswith("*")}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
+             if t.startswith("*") or n in div16}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -62,18 +68,24 @@ def main() -> None:
     p.add_argument("--const", default="{}", help="JSON {arg: value} for the constexpr arguments")
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--div16", nargs="*", default=[], help="integer arguments the launch passes as multiples of 16")
     p.add_argument("--per", type=int, default=0, help="divide instruction counts by this (elements per thread)")
     p.add_argument("--sass", help="also write the SASS text here")
+    p.add_argument("--ptx", help="also write the PTX here")
     a = p.parse_args()
     mod, name = a.kernel.split(":")
     fn = getattr(importlib.import_module(mod), name)
-    usage, ops, sass = report(compile_sm90(fn, json.loads(a.sig), json.loads(a.const), a.warps, a.stages))
+    kernel = compile_sm90(fn, json.loads(a.sig), json.loads(a.const), a.warps, a.stages, tuple(a.div16))
+    usage, ops, sass = report(kernel)
     total = sum(ops.values())
     print("resources:", usage, "instructions:", total, f"per element: {total / a.per:.1f}" if a.per else "")
     print(" ".join(f"{k}:{v}" for k, v in ops.most_common(30)))
     if a.sass:
         with open(a.sass, "w") as f:
             f.write(sass)
+    if a.ptx:
+        with open(a.ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
 
 
 if __name__ == "__main__":

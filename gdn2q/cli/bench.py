@@ -31,6 +31,9 @@ def bench(
     layers: Annotated[int | None, typer.Option(min=1, help="Use only this many layers of the 1.3B shape.")] = None,
     baseline: Annotated[bool, typer.Option(help="Also run bf16 weights + fp32 state in the same process and "
                                                 "report the speedup.")] = False,
+    pdl: Annotated[str | None, typer.Option(help="Programmatic dependent launch in the decode step (Hopper): on, "
+                                                 "off, or both (time the step each way). Default: on where "
+                                                 "supported; GDN2Q_PDL=0 turns it off.")] = None,
     save: Annotated[Path | None, typer.Option(help="Also write the result as JSON to this file.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -44,10 +47,12 @@ def bench(
     """
     import torch
 
-    from gdn2q.kernels.bench import CONFIG_1B3, bench_model
+    from gdn2q.kernels.bench import CONFIG_1B3, PDL_MODES, bench_model
 
     if recipe not in RECIPES:
         raise UnsupportedError(f"unknown --recipe {recipe!r} for bench; choose one of {', '.join(RECIPES)}")
+    if pdl is not None and pdl not in PDL_MODES:
+        raise UnsupportedError(f"unknown --pdl {pdl!r}; choose one of {', '.join(PDL_MODES)}")
     fmt = StateQuantConfig(state, rounding=state_rounding)
     if model is not None:
         from gdn2q import load_model
@@ -62,10 +67,10 @@ def bench(
         raise UnsupportedError("--recipe fp8 needs a CUDA GPU with fp8 matmuls (SM >= 8.9, e.g. H100); "
                                "here run --recipe bf16")
     with console.status("benchmarking (compiling kernels on first use)"):
-        rows = [bench_model(target, batch=batch, state=fmt, recipe=recipe, prompt_len=prompt_len)]
+        rows = [bench_model(target, batch=batch, state=fmt, recipe=recipe, prompt_len=prompt_len, pdl_mode=pdl)]
         if baseline:
             rows.append(bench_model(target, batch=batch, state=StateQuantConfig(BASELINE[1]),
-                                    recipe=BASELINE[0], prompt_len=prompt_len))
+                                    recipe=BASELINE[0], prompt_len=prompt_len, pdl_mode=pdl))
     result = {"runs": rows, "torch": torch.__version__, "python": platform.python_version()}
     if baseline:
         result["decode_speedup"] = rows[0]["decode_tok_s"] / rows[1]["decode_tok_s"]
@@ -77,13 +82,17 @@ def bench(
         print_json(result)
         return
     table = Table(title=f"gdn2q bench on {rows[0]['card']} (backend: {rows[0]['backend']}, "
-                        f"CUDA graph: {rows[0]['cuda_graph']})")
+                        f"CUDA graph: {rows[0]['cuda_graph']}, PDL: {rows[0]['pdl']})")
     for col in ("weights", "state", "batch", "layers", "decode tok/s", "step ms", "prefill tok/s"):
         table.add_column(col, justify="left" if col in ("weights", "state") else "right")
     for r in rows:
         table.add_row(r["recipe"], StateQuantConfig(**r["state"]).label, str(r["batch"]), str(r["layers"]),
                       f"{r['decode_tok_s']:,.0f}", f"{r['decode_step_ms']:.3f}", f"{r['prefill_tok_s']:,.0f}")
     console.print(table)
+    for r in rows:
+        if "decode_step_ms_pdl_off" in r and r["pdl"]:
+            console.print(f"{r['recipe']} weights: decode step {r['decode_step_ms_pdl_off']:.3f} ms without PDL, "
+                          f"{r['decode_step_ms_pdl_on']:.3f} ms with it")
     if baseline:
         console.print(f"decode speedup vs bf16 weights + fp32 state: {result['decode_speedup']:.2f}x; "
                       f"prefill {result['prefill_speedup']:.2f}x")

@@ -8,8 +8,9 @@ add, so in fp8 they may return split-K partial sums, which that add_rms_norm lau
 runs through :func:`gdn2q.kernels.decode_step` (gates fused in the kernel, state pool updated in place) and
 :func:`gdn2q.kernels.chunk_prefill`; the glue around it is the one-launch kernels of :mod:`gdn2q.kernels.glue`.
 Both recipes share all of it, so bf16 weights + fp32 state is a fair baseline. On CUDA the whole decode step
-of all layers is captured in one CUDA graph, as a serving loop would replay it. Models with attention layers are
-not supported on this path.
+of all layers is captured in one CUDA graph, as a serving loop would replay it; on Hopper the Triton kernels of
+the step are chained by programmatic dependent launch (:mod:`gdn2q.kernels.pdl`). Models with attention layers
+are not supported on this path.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gdn2q.config import GDN2Config
-from gdn2q.kernels import backend, chunk_prefill, decode_step, new_state_pool
+from gdn2q.kernels import backend, chunk_prefill, decode_step, new_state_pool, pdl
 from gdn2q.kernels.fp8_linear import Fp8Rows, fp8_matmul, quantize_weight_fp8
 from gdn2q.kernels.glue import add_rms_norm, decode_inputs, gated_rms_norm_rows, swiglu
 from gdn2q.kernels.reference import gates
@@ -210,16 +211,25 @@ def _timed(fn, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+PDL_MODES = {"on": (True,), "off": (False,), "both": (False, True)}
+
+
 def bench_model(model_or_config: GDN2ForCausalLM | GDN2Config | None = None, batch: int = 64,
                 state: str | StateQuantConfig = "int8", recipe: str = "bf16", prompt_len: int = 2048,
-                decode_reps: int = 50, device: str | None = None) -> dict:
+                decode_reps: int = 50, device: str | None = None, pdl_mode: str | None = None) -> dict:
     """Decode tokens/s (CUDA graph of one step on CUDA) and prefill tokens/s of a GDN-2 LM on the kernel path.
 
     model_or_config: a loaded pure GDN-2 model, a config (random weights), or None for the 1.3B shape.
     recipe: "bf16" or "fp8" (large projections as fp8 with row scales).
+    pdl_mode: programmatic dependent launch for the decode step: None keeps ``gdn2q.kernels.pdl.ENABLED``,
+    "on" / "off" set it, "both" captures and times the step without and with it (``decode_step_ms_pdl_off``,
+    ``decode_step_ms_pdl_on``; the headline decode figures are the PDL ones). "pdl" in the result says
+    whether the headline step ran with PDL (only where supported: Hopper and a Triton with launch_pdl).
     """
     if recipe not in ("bf16", "fp8"):
         raise ValueError("recipe must be 'bf16' or 'fp8'")
+    if pdl_mode is not None and pdl_mode not in PDL_MODES:
+        raise ValueError(f"pdl_mode must be one of {', '.join(PDL_MODES)}")
     fmt = StateQuantConfig(state) if isinstance(state, str) else state
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(model_or_config, GDN2ForCausalLM):
@@ -238,10 +248,16 @@ def bench_model(model_or_config: GDN2ForCausalLM | GDN2Config | None = None, bat
     prefill_s = _timed(lambda: lm.prefill(ids), reps=2)
     tok = torch.randint(0, c.vocab_size, (batch,), device=device)
     graphed = device == "cuda"
-    step = capture_graph(lambda: lm.decode(tok)).replay if graphed else lambda: lm.decode(tok)
-    decode_s = _timed(step, reps=decode_reps)
+    step_ms: dict[str, float] = {}
+    for on in PDL_MODES[pdl_mode] if pdl_mode else (pdl.ENABLED,):   # the last one gives the headline figures
+        with pdl.setting(on):   # read while the step is captured (and on every call when not graphed)
+            step = capture_graph(lambda: lm.decode(tok)).replay if graphed else lambda: lm.decode(tok)
+            decode_s = _timed(step, reps=decode_reps)
+            pdl_used = pdl.active(ids.device)
+        step_ms[f"decode_step_ms_pdl_{'on' if on else 'off'}"] = decode_s * 1e3
+    ab = step_ms if len(step_ms) > 1 else {}
     return {"backend": backend(ids, c.head_dim, c.head_v_dim, fmt), "cuda_graph": graphed, "device": str(device),
             "card": torch.cuda.get_device_name() if device == "cuda" else "cpu", "batch": batch,
             "state": fmt.to_dict(), "recipe": recipe, "layers": c.num_hidden_layers, "prompt_len": prompt_len,
-            "decode_step_ms": decode_s * 1e3, "decode_tok_s": batch / decode_s,
+            "pdl": pdl_used, "decode_step_ms": decode_s * 1e3, "decode_tok_s": batch / decode_s, **ab,
             "prefill_ms": prefill_s * 1e3, "prefill_tok_s": batch * prompt_len / prefill_s}

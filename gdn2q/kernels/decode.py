@@ -26,11 +26,10 @@ from gdn2q.kernels.state_io import (
     INT8_INV_RU,
     INT8_QMAX,
     INT8_RU,
+    INTERPRETED,
+    MODES,
     TINY,
-    codes_to_float,
     format_constexprs,
-    load_tile,
-    store_tile,
     tile_mask,
 )
 from gdn2q.quant.state import QuantizedState, StateQuantConfig
@@ -58,6 +57,16 @@ def gates_from_preactivations(f, b, a_log, dt_bias, NEG_EIG: tl.constexpr):
 
 
 @triton.jit
+def rcp(x):
+    """1 / x for normal x > 0 to 1 ulp: one MUFU.RCP, where ``tl.fdiv`` spends about ten instructions on range
+    fix-ups; every divisor here is floored far above the denormals (D_TINY, TINY / qmax)."""
+    if INTERPRETED:
+        return 1.0 / x
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
 def _tile_of(t, n_tiles, slots_ptr, HV: tl.constexpr, NPV: tl.constexpr):
     """(sequence, value head, V block, valid, pool head index) of work tile t.
 
@@ -76,7 +85,7 @@ def _tile_of(t, n_tiles, slots_ptr, HV: tl.constexpr, NPV: tl.constexpr):
 def _key_vectors(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, bi, hv, scale, HQ: tl.constexpr,
                  HV: tl.constexpr, K: tl.constexpr, FUSED: tl.constexpr, NEG_EIG: tl.constexpr,
                  L2NORM: tl.constexpr):
-    """fp32 q (normalised, scaled), k (normalised), log decay g and erase gate b of one head."""
+    """fp32 q (normalised, scaled), k (normalised), log decay g and erase gate b of one head, and q . k."""
     ok = tl.arange(0, K)
     hq = hv // (HV // HQ)
     off = (bi * HQ + hq) * K + ok
@@ -87,10 +96,13 @@ def _key_vectors(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, bi, hv, scale, H
     if FUSED:  # g holds f = f_proj(x), b a pre-activation
         g, b = gates_from_preactivations(g, b, tl.load(alog_ptr + hq).to(tl.float32),
                                          tl.load(dtb_ptr + hq * K + ok).to(tl.float32), NEG_EIG)
+    qq, kk, qk = tl.reduce((q * q, k * k, q * k), 0, _add3)     # one cross-warp round trip, not three
+    mq = scale
+    mk = 1.0
     if L2NORM:
-        q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6)
-        k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
-    return q * scale, k, g, b
+        mq = scale * tl.rsqrt(qq + 1e-6)
+        mk = tl.rsqrt(kk + 1e-6)
+    return q * mq, k * mk, g, b, qk * (mq * mk)
 
 
 @triton.jit
@@ -104,43 +116,54 @@ def _value_gate(v_ptr, w_ptr, off, FUSED: tl.constexpr):
 
 
 @triton.jit
+def _value_gates4(v_ptr, w_ptr, vbase, FUSED: tl.constexpr):
+    """The value gates of the four code planes (columns vbase + j)."""
+    return (_value_gate(v_ptr, w_ptr, vbase + 0, FUSED), _value_gate(v_ptr, w_ptr, vbase + 1, FUSED),
+            _value_gate(v_ptr, w_ptr, vbase + 2, FUSED), _value_gate(v_ptr, w_ptr, vbase + 3, FUSED))
+
+
+@triton.jit
 def _add2(a0, a1, b0, b1):
     return a0 + b0, a1 + b1
 
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, w_ptr, alog_ptr, dtb_ptr, o_ptr,
-    codes_ptr, scales_ptr, res_ptr, static_ptr, slots_ptr, seed_ptr, scale, n_tiles,
+    q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, w_ptr, alog_ptr, dtb_ptr, o_ptr, state_ptr, slots_ptr, scale, n_tiles,
     HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, STAGES: tl.constexpr,
-    FUSED: tl.constexpr, NEG_EIG: tl.constexpr, L2NORM: tl.constexpr,
-    MODE: tl.constexpr, ROW: tl.constexpr, ROUND: tl.constexpr, STATIC: tl.constexpr,
+    FUSED: tl.constexpr, NEG_EIG: tl.constexpr, L2NORM: tl.constexpr, MODE: tl.constexpr,
 ):
-    """The decode step for fp32/bf16 tiles [K, BV]. Holding the next tile while updating this one made bf16
-    slower on the H200 (its registers), so these tiles are loaded where they are used."""
+    """The decode step for fp32/bf16 states, in tiles [K, BV].
+
+    Each tile is loaded before the row terms (normalised q and k, decay) are computed, so its memory latency
+    hides behind that arithmetic. Walking several blocks per tile instead (row terms once per head) measured
+    slower on the H200: the first block's load then waited for the row terms, and the terms kept across the
+    blocks cost registers. Holding the next tile while updating this one was slower too (registers).
+    """
     NPV: tl.constexpr = V // BV
     ok = tl.arange(0, K)
     ov = tl.arange(0, BV)
     offs = ok[:, None] * V + ov[None, :]
     for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
         bi, hv, pv, valid, head = _tile_of(t, n_tiles, slots_ptr, HV, NPV)
-        tile = head * (K * V) + pv * BV
-        c, sc = load_tile(codes_ptr + tile, scales_ptr, offs, ok, valid, MODE, ROW)
-        c = codes_to_float(c, MODE)
-        q, k, g, b = _key_vectors(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, bi, hv, scale, HQ, HV, K,
-                                  FUSED, NEG_EIG, L2NORM)
-        v_off = (bi * HV + hv) * V + pv * BV + ov
-        # The stored tile is c * d[:, None] after this token's decay (d = row scale * exp(g)), so the erase
-        # read r and the pre-write part of the output read come straight off the codes in one pass, and
-        # o = q^T S' = q^T (c d) + (q . k) u needs no second pass over the updated tile.
-        d = sc * tl.exp(g)
+        blk = state_ptr + head * (K * V) + pv * BV + offs
+        m = tile_mask(valid, offs)
+        c = tl.load(blk, mask=m).to(tl.float32)
+        q, k, g, b, qk = _key_vectors(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, bi, hv, scale, HQ, HV, K,
+                                      FUSED, NEG_EIG, L2NORM)
+        # The state after this token's decay is S d[:, None] (d = exp(g)), so the erase read r and the pre-write
+        # part of the output read come straight off the stored tile in one pass, and
+        # o = q^T S' = q^T (S d) + (q . k) u needs no second pass over the updated tile.
+        d = tl.exp(g)
         r, o_pre = tl.reduce(((b * k * d)[:, None] * c, (q * d)[:, None] * c), 0, _add2)
+        v_off = (bi * HV + hv) * V + pv * BV + ov
         u = _value_gate(v_ptr, w_ptr, v_off, FUSED) - r
-        o = o_pre + tl.sum(q * k, axis=0) * u
         s = d[:, None] * c + k[:, None] * u[None, :]               # decayed state plus the rank-1 write
-        store_tile(s, sc, 0, codes_ptr + tile, scales_ptr, res_ptr, static_ptr, offs, ok, valid, 0, 0,
-                   MODE, ROW, ROUND, STATIC)
-        tl.store(o_ptr + v_off, tl.where(valid, o, 0.0).to(o_ptr.dtype.element_ty))
+        if MODE == 1:
+            tl.store(blk, s.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=m)
+        else:
+            tl.store(blk, s, mask=m)
+        tl.store(o_ptr + v_off, tl.where(valid, o_pre + qk * u, 0.0).to(o_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -149,9 +172,9 @@ def _add3(a0, a1, a2, b0, b1, b2):
 
 
 @triton.jit
-def _stage_rows(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, scales_ptr, rows_ptr, qoff, hq, head, valid, scale,
-                K: tl.constexpr, FUSED: tl.constexpr, NEG_EIG: tl.constexpr, L2NORM: tl.constexpr,
-                ROW: tl.constexpr, MODE: tl.constexpr):
+def _stage_rows(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, scales_ptr, rows_ptr, bi, hv, head, valid, scale,
+                HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, FUSED: tl.constexpr, NEG_EIG: tl.constexpr,
+                L2NORM: tl.constexpr, ROW: tl.constexpr, MODE: tl.constexpr, ROUND: tl.constexpr):
     """Per-row terms of one tile, computed once (a row or a few per thread) and staged in the program's scratch
     rows_ptr [5, K]; returns q . k (q, k normalised, q scaled).
 
@@ -162,33 +185,22 @@ def _stage_rows(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, scales_ptr, rows_
     pass, which made up a tenth of the kernel's instructions.
     """
     ok = tl.arange(0, K)
-    q = tl.load(q_ptr + qoff + ok).to(tl.float32)
-    k = tl.load(k_ptr + qoff + ok).to(tl.float32)
-    g = tl.load(g_ptr + qoff + ok).to(tl.float32)
-    b = tl.load(b_ptr + qoff + ok).to(tl.float32)
     sc = tl.load(scales_ptr + head * (K if ROW else 1) + (ok if ROW else ok * 0), mask=tile_mask(valid, ok),
                  other=0.0)
-    qq, kk, qk = tl.reduce((q * q, k * k, q * k), 0, _add3)     # one cross-warp round trip, not three
-    mq = scale
-    mk = 1.0
-    if L2NORM:
-        mq = scale * tl.rsqrt(qq + 1e-6)
-        mk = tl.rsqrt(kk + 1e-6)
-    q = q * mq
-    k = k * mk
-    if FUSED:  # g holds f = f_proj(x), b a pre-activation
-        g, b = gates_from_preactivations(g, b, tl.load(alog_ptr + hq).to(tl.float32),
-                                         tl.load(dtb_ptr + hq * K + ok).to(tl.float32), NEG_EIG)
+    q, k, g, b, qk = _key_vectors(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, bi, hv, scale, HQ, HV, K, FUSED,
+                                  NEG_EIG, L2NORM)
     d = sc * tl.exp(g)
     dc = tl.maximum(d, D_TINY)
     tl.debug_barrier()          # the previous tile's passes have read the scratch
     tl.store(rows_ptr + ok, b * k * d)
     tl.store(rows_ptr + K + ok, q * d)
     tl.store(rows_ptr + 2 * K + ok, dc)
-    tl.store(rows_ptr + 3 * K + ok, tl.fdiv(k, dc))   # 2 ulp: far inside the one-step tolerance of a code
-    tl.store(rows_ptr + 4 * K + ok, tl.fdiv(sc * (INT8_RU if MODE == 2 else FP8_RU), dc))
+    inv_dc = rcp(dc)   # 1 ulp: far inside the one-step tolerance of a code
+    tl.store(rows_ptr + 3 * K + ok, k * inv_dc)
+    if ROUND == 2:
+        tl.store(rows_ptr + 4 * K + ok, sc * (INT8_RU if MODE == 2 else FP8_RU) * inv_dc)
     tl.debug_barrier()          # every thread's rows are staged
-    return qk * (mq * mk)
+    return qk
 
 
 @triton.jit
@@ -269,17 +281,22 @@ def _decode8_kernel(
     rows_ptr = scratch_ptr + tl.program_id(0) * (5 * K)
     for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         bi, hv, _, valid, head = _tile_of(t, n_tiles, slots_ptr, HV, 1)
-        hq = hv // (HV // HQ)
-        qoff = (bi * HQ + hq) * K
         tile_words = codes_ptr + head * (K * W)
-        qk = _stage_rows(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, scales_ptr, rows_ptr, qoff, hq, head, valid,
-                         scale, K, FUSED, NEG_EIG, L2NORM, ROW, MODE)
+        vbase = (bi * HV + hv) * V + om * 4
+        if NK == 1:   # one block (few tiles, latency-bound): the codes and values load while the rows are staged
+            wd0 = tl.load(tile_words + woffs, mask=tile_mask(valid, woffs))
+            vg0, vg1, vg2, vg3 = _value_gates4(v_ptr, w_ptr, vbase, FUSED)
+        qk = _stage_rows(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, scales_ptr, rows_ptr, bi, hv, head, valid,
+                         scale, HQ, HV, K, FUSED, NEG_EIG, L2NORM, ROW, MODE, ROUND)
 
         zero = tl.zeros([BK, W], dtype=tl.float32)
         ae0, ae1, ae2, ae3, ap0, ap1, ap2, ap3 = zero, zero, zero, zero, zero, zero, zero, zero
         for c in tl.range(0, NK, loop_unroll_factor=UNROLL, num_stages=STAGES):
             rows = c * BK + orow
-            wd = tl.load(tile_words + c * (BK * W) + woffs, mask=tile_mask(valid, woffs))
+            if NK == 1:
+                wd = wd0
+            else:
+                wd = tl.load(tile_words + c * (BK * W) + woffs, mask=tile_mask(valid, woffs))
             e = tl.load(rows_ptr + rows)
             p = tl.load(rows_ptr + K + rows)
             x0, x1, x2, x3 = _unpack(wd, MODE)
@@ -288,11 +305,9 @@ def _decode8_kernel(
             ap0, ap1, ap2, ap3 = ap0 + p2 * x0, ap1 + p2 * x1, ap2 + p2 * x2, ap3 + p2 * x3
         r0, r1, r2, r3, o0, o1, o2, o3 = tl.reduce((ae0, ae1, ae2, ae3, ap0, ap1, ap2, ap3), 0, _add8)
 
-        vbase = (bi * HV + hv) * V + om * 4
-        u0 = _value_gate(v_ptr, w_ptr, vbase + 0, FUSED) - r0
-        u1 = _value_gate(v_ptr, w_ptr, vbase + 1, FUSED) - r1
-        u2 = _value_gate(v_ptr, w_ptr, vbase + 2, FUSED) - r2
-        u3 = _value_gate(v_ptr, w_ptr, vbase + 3, FUSED) - r3
+        if NK > 1:   # loaded here, they would hold registers through pass 1
+            vg0, vg1, vg2, vg3 = _value_gates4(v_ptr, w_ptr, vbase, FUSED)
+        u0, u1, u2, u3 = vg0 - r0, vg1 - r1, vg2 - r2, vg3 - r3
         od = o_ptr.dtype.element_ty
         tl.store(o_ptr + vbase + 0, tl.where(valid, o0 + qk * u0, 0.0).to(od))
         tl.store(o_ptr + vbase + 1, tl.where(valid, o1 + qk * u1, 0.0).to(od))
@@ -322,7 +337,7 @@ def _decode8_kernel(
                 sc_new = tl.maximum(d * _abs_max4(t0, t1, t2, t3), TINY) / qmax
             else:
                 sc_new = tl.zeros([BK], dtype=tl.float32) + tl.maximum(head_amax, TINY) / qmax
-            mult = tl.fdiv(d, sc_new)[:, None]      # new codes: d t / new scale
+            mult = (d * rcp(sc_new))[:, None]      # new codes: d t / new scale
             y0, y1, y2, y3 = t0 * mult, t1 * mult, t2 * mult, t3 * mult
             if MODE == 3 and ROUND == 0:
                 wd_new = pack_fp8(y0, y1, y2, y3)
@@ -390,18 +405,21 @@ def seed_tensor(fmt: StateQuantConfig, seed: int | torch.Tensor | None, device: 
     return _ZERO_SEEDS[device]
 
 
-# Launch parameters per storage kind and load (tier): the fastest variants that passed the one-step check in
-# ``tools/bench_kernels.py --tune`` on an H200 (H=16, K=V=128; the tiers timed at B=1, 64 and 256;
-# docs/benchmarks/kernels-NVIDIA-H200.json). Few heads are latency-bound: a whole tile per 4-warp program (one
-# block of rows, so the second pass re-reads codes still in L1). More heads are throughput-bound: one warp per
-# int8/fp8 tile in blocks of 8 rows (blocks of 4 rows need only 64 registers, but their per-block overhead
-# made them 40% slower at 24-32 warps per multiprocessor); narrow V blocks for fp32/bf16.
+# Launch parameters per storage kind and load (tier): the fastest variants (or within 1% of them) that passed
+# the one-step check in ``tools/bench_kernels.py --tune`` on an H200 (H=16, K=V=128; the tiers timed at B=1,
+# 64 and 256; docs/benchmarks/kernels-NVIDIA-H200.json). Few heads are latency-bound: a whole tile per 4-warp
+# program (one block of rows, so the second pass re-reads codes still in L1). More heads are throughput-bound:
+# one warp per int8/fp8 tile in blocks of 8 rows, each pass streamed three stages deep through shared memory
+# (11% faster at B=256 than loading each block where it is used). Blocks of 4 rows need only 64 registers but
+# their per-block overhead made them 40% slower; capping registers to fit 18-24 one-warp programs per
+# multiprocessor (a few spills) was 6-47% slower. Narrow V blocks for fp32/bf16 (bf16 streamed across tiles at
+# 1 and 64 sequences).
 LAUNCH: dict[tuple[str, str], dict[str, int]] = {
     ("8bit", "few"): dict(num_warps=4, block_k=128, unroll=1, stages=1, programs_per_sm=2),
-    ("8bit", "medium"): dict(num_warps=1, block_k=8, unroll=2, stages=1, programs_per_sm=12),
-    ("8bit", "many"): dict(num_warps=1, block_k=8, unroll=2, stages=1, programs_per_sm=16),
-    ("bf16", "few"): dict(num_warps=4, block_v=32, stages=1, programs_per_sm=8),
-    ("bf16", "medium"): dict(num_warps=2, block_v=32, stages=1, programs_per_sm=8),
+    ("8bit", "medium"): dict(num_warps=1, block_k=8, unroll=2, stages=3, programs_per_sm=16),
+    ("8bit", "many"): dict(num_warps=1, block_k=8, unroll=2, stages=3, programs_per_sm=16),
+    ("bf16", "few"): dict(num_warps=2, block_v=32, stages=3, programs_per_sm=8),
+    ("bf16", "medium"): dict(num_warps=2, block_v=32, stages=3, programs_per_sm=8),
     ("bf16", "many"): dict(num_warps=2, block_v=32, stages=1, programs_per_sm=8),
     ("fp32", "few"): dict(num_warps=4, block_v=32, stages=1, programs_per_sm=8),
     ("fp32", "medium"): dict(num_warps=4, block_v=64, stages=1, programs_per_sm=4),
@@ -450,21 +468,21 @@ def decode_triton(
         raise ValueError("quantized states need whole rows per program (block_v >= V)")
     BV = min(V, lp.get("block_v", V))
     n_tiles = B * HV * (V // BV)
-    stat = effective_static_scales(fmt, static_scales, HV, K, q.device)
-    seeds = seed_tensor(fmt, seed, q.device)
     grid = (min(n_tiles, sms * lp["programs_per_sm"]),)
     args = (q, k, v, g, b, w, A_log if fused else q, dt_bias if fused else q, o)
-    tail = (stat, slots, seeds, float(K ** -0.5 if scale is None else scale), n_tiles)
+    scale = float(K ** -0.5 if scale is None else scale)
     meta = dict(HQ=HQ, HV=HV, K=K, V=V, FUSED=fused, NEG_EIG=allow_neg_eigval, L2NORM=use_qk_l2norm,
-                STAGES=lp["stages"], num_warps=lp["num_warps"], num_stages=1, **format_constexprs(fmt))
+                STAGES=lp["stages"], num_warps=lp["num_warps"], num_stages=1)
     if fmt.quantized:   # code words: four int8/fp8 codes per int32
         words = pool.codes.view(torch.int32)
         res = pool.residual.view(torch.int32) if pool.residual is not None else words
+        stat = effective_static_scales(fmt, static_scales, HV, K, q.device)
         scratch = torch.empty(grid[0], 5, K, dtype=torch.float32, device=q.device)   # per-program row terms
-        _decode8_kernel[grid](*args, words, pool.scales, res, *tail[:3], scratch, *tail[3:], BK=min(K, lp["block_k"]),
-                              UNROLL=lp["unroll"], **meta)
+        _decode8_kernel[grid](*args, words, pool.scales, res, stat, slots, seed_tensor(fmt, seed, q.device), scratch,
+                              scale, n_tiles, BK=min(K, lp["block_k"]), UNROLL=lp["unroll"], **meta,
+                              **format_constexprs(fmt))
     else:
-        _decode_kernel[grid](*args, pool.codes, pool.codes, pool.codes, *tail, BV=BV, **meta)
+        _decode_kernel[grid](*args, pool.codes, slots, scale, n_tiles, BV=BV, MODE=MODES[fmt.dtype], **meta)
     return o
 
 

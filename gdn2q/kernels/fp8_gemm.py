@@ -14,6 +14,12 @@ accumulator instead (as cuBLAS does without fast accumulation), a few FADDs per 
 The row scales multiply the accumulator once in the epilogue. A split-K launch writes its fp32 partial sums
 [S, M, N] (already scaled) and leaves the sum to the consumer (:func:`gdn2q.kernels.glue.add_rms_norm` reads
 them with the residual it adds them to), which costs no reduction launch and no atomics (deterministic).
+
+Under programmatic dependent launch (:mod:`gdn2q.kernels.pdl`) the programs are scheduled while the kernel
+before them (the norm that writes the activation codes) still runs, and wait for it before their first load.
+Pulling each program's weight slab into L2 before that wait (one bulk prefetch per row; the weights depend on
+no earlier kernel) measured 1% slower end to end on an H200 (1.493 against 1.479 ms per 1.3B step at B=64),
+so the weights stream only in the K loop.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gdn2q.kernels import pdl
 from gdn2q.kernels.state_io import INTERPRETED
 
 
@@ -79,8 +86,9 @@ def gemm_config(M: int, N: int, K: int, sms: int, *, allow_split: bool = True, b
 
 @triton.jit
 def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of split program_id(1): out[s, m, n] for x [M, K], w [N, K] (contiguous)."""
+    pdl.launch_dependents(PDL)
     pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,6 +96,7 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, K_SPLIT, BL
     # rows past M or N read a valid row again (wrapped) instead of masking every load; the store drops them
     lm, ln = rm % M, rn % N
     k0 = pid_s * K_SPLIT
+    pdl.wait(PDL)   # the activations (and the buffer written below) belong to earlier kernels
     x_ptrs = x_ptr + lm.to(tl.int64)[:, None] * K + (k0 + rk)[None, :]
     w_ptrs = w_ptr + ln.to(tl.int64)[:, None] * K + (k0 + rk)[None, :]
     k_len = tl.minimum(K_SPLIT, K - k0)
@@ -128,6 +137,6 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Ten
     grid = (triton.cdiv(N, cfg.block_n), cfg.splits, triton.cdiv(M, cfg.block_m))
     _fp8_gemm_kernel[grid](xq, xs, wq, ws, out, M, N, K, cfg.k_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                            BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0, num_warps=cfg.num_warps,
-                           num_stages=cfg.num_stages)
+                           num_stages=cfg.num_stages, **pdl.launch_options(xq.device))
     return out
 

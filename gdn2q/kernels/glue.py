@@ -11,6 +11,11 @@ Each entry point runs its Triton kernel for CUDA tensors (or CPU tensors under t
 its PyTorch reference otherwise; the references are also the tests' oracles. The kernels are hand-written for
 these layouts (rows of a fused projection output in, the contiguous planes the recurrence kernel reads out),
 which no library kernel matches.
+
+The kernels of the decode step (add_rms_norm, gated_rms_norm_rows, swiglu, decode_inputs) take part in
+programmatic dependent launch (:mod:`gdn2q.kernels.pdl`): each lets the next kernel launch at once, then waits
+for the previous one before its first load. Their weights are read after the wait too: they are a few KB,
+loaded alongside the activations, and the entry points then put no condition on where their inputs come from.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from gdn2q.kernels import pdl
 from gdn2q.kernels.decode import gates_from_preactivations
 from gdn2q.kernels.fp8_linear import FP8, Fp8Rows, quantize_rows_reference
 from gdn2q.kernels.reference import gates
@@ -118,7 +124,10 @@ def _quantize_kernel(x_ptr, codes_ptr, scales_ptr, stride, N: tl.constexpr, BN: 
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, scales_ptr, d_split_stride, eps, D: tl.constexpr,
-                         BD: tl.constexpr, ADD: tl.constexpr, S: tl.constexpr, FP8: tl.constexpr):
+                         BD: tl.constexpr, ADD: tl.constexpr, S: tl.constexpr, FP8: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BD)
     m = cols < D
@@ -138,7 +147,9 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, scales_ptr, d_split_strid
 @triton.jit
 def _gated_norm_kernel(o_ptr, z_ptr, zb_ptr, w_ptr, out_ptr, scales_ptr, z_stride, eps, HV: tl.constexpr,
                        V: tl.constexpr, HP: tl.constexpr, VP: tl.constexpr, BIAS: tl.constexpr,
-                       SIGMOID: tl.constexpr, FP8: tl.constexpr):
+                       SIGMOID: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, HP)
     v = tl.arange(0, VP)
@@ -155,7 +166,10 @@ def _gated_norm_kernel(o_ptr, z_ptr, zb_ptr, w_ptr, out_ptr, scales_ptr, z_strid
 
 
 @triton.jit
-def _swiglu_kernel(y_ptr, out_ptr, scales_ptr, I: tl.constexpr, BI: tl.constexpr, FP8: tl.constexpr):
+def _swiglu_kernel(y_ptr, out_ptr, scales_ptr, I: tl.constexpr, BI: tl.constexpr, FP8: tl.constexpr,
+                   PDL: tl.constexpr):
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BI)
     m = cols < I
@@ -168,13 +182,15 @@ def _swiglu_kernel(y_ptr, out_ptr, scales_ptr, I: tl.constexpr, BI: tl.constexpr
 def _decode_inputs_kernel(y1_ptr, y2_ptr, win_ptr, taps_ptr, cb_ptr, alog_ptr, dtb_ptr, out_ptr, gout_ptr, s1, s2, B,
                           KD: tl.constexpr, VD: tl.constexpr, HK: tl.constexpr, W: tl.constexpr,
                           WP: tl.constexpr, BLOCK: tl.constexpr, CBIAS: tl.constexpr, GATES: tl.constexpr,
-                          NEG_EIG: tl.constexpr):
+                          NEG_EIG: tl.constexpr, PDL: tl.constexpr):
     """Channels c of one sequence in the order q k v b w f: conv step of q|k|v, copies of b|w|f; every one of
     the six lands in its own contiguous [B, n] plane of out. With GATES, b|w|f leave as the fp32 gates
     (GDN2_SPEC.md 1.2 steps 3-4) in the planes of gout instead, computed once per channel here rather than
     once per key row in every pass of the recurrence kernel."""
     C: tl.constexpr = 2 * KD + VD
     F0: tl.constexpr = 3 * KD + 2 * VD          # q k v b w come from y1, f from y2
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = c < F0 + KD
@@ -248,7 +264,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     BD = triton.next_power_of_2(D)
     d = x if delta is None else delta.contiguous()
     _add_rms_norm_kernel[(M,)](x, d, weight, out, scales, M * D, eps, D=D, BD=BD, ADD=delta is not None,
-                               S=d.shape[0] if d.dim() == 3 else 1, FP8=fp8, num_warps=_warps(BD))
+                               S=d.shape[0] if d.dim() == 3 else 1, FP8=fp8, num_warps=_warps(BD),
+                               **pdl.launch_options(x.device))
     return (out, scales) if fp8 else out
 
 
@@ -268,7 +285,7 @@ def gated_rms_norm_rows(o: torch.Tensor, z: torch.Tensor, z_bias: torch.Tensor |
     HP, VP = triton.next_power_of_2(HV), triton.next_power_of_2(V)
     _gated_norm_kernel[(M,)](o, z, z if z_bias is None else z_bias, weight, out, scales, z.stride(0), eps, HV=HV,
                              V=V, HP=HP, VP=VP, BIAS=z_bias is not None, SIGMOID=activation == "sigmoid", FP8=fp8,
-                             num_warps=_warps(HP * VP))
+                             num_warps=_warps(HP * VP), **pdl.launch_options(o.device))
     return (out, scales) if fp8 else out
 
 
@@ -280,7 +297,7 @@ def swiglu(y: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Rows:
     M, I = y.shape[0], y.shape[1] // 2
     out, scales = _rows_out(y, M, I, fp8)
     BI = triton.next_power_of_2(I)
-    _swiglu_kernel[(M,)](y, out, scales, I=I, BI=BI, FP8=fp8, num_warps=_warps(BI))
+    _swiglu_kernel[(M,)](y, out, scales, I=I, BI=BI, FP8=fp8, num_warps=_warps(BI), **pdl.launch_options(y.device))
     return (out, scales) if fp8 else out
 
 
@@ -311,7 +328,8 @@ def decode_inputs(y1: torch.Tensor, y2: torch.Tensor, window: torch.Tensor, taps
         y1, y2, window, taps, taps if conv_bias is None else conv_bias, A_log if gates_on else taps,
         dt_bias if gates_on else taps, out, gout, y1.stride(0), y2.stride(0), B, KD=kd, VD=vd,
         HK=kd // A_log.shape[0] if gates_on else 1, W=W, WP=triton.next_power_of_2(W), BLOCK=BLOCK,
-        CBIAS=conv_bias is not None, GATES=gates_on, NEG_EIG=allow_neg_eigval, num_warps=4)
+        CBIAS=conv_bias is not None, GATES=gates_on, NEG_EIG=allow_neg_eigval, num_warps=4,
+        **pdl.launch_options(y1.device))
     planes = out.split([B * n for n in sizes[:3]]) + gout.split([B * n for n in sizes[3:]]) if gates_on else \
         out.split([B * n for n in sizes])
     q, k, v, b, w, f = (p.view(B, n) for p, n in zip(planes, sizes, strict=True))
