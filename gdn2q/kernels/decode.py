@@ -269,9 +269,10 @@ def _decode8_kernel(
     reads the code words and accumulates the erase and output reads elementwise ([BK, V/4]
     accumulators, so each term is one FMA and the tile crosses warps in one reduction at the end); pass 2
     reads the words again (now from L1/L2), applies the update and stores the new codes and row scales. Only
-    a row block of codes is live at a time (125 registers at 8-row blocks, against 255 for a kernel that held
+    a row block of codes is live at a time (128 registers at 8-row blocks, against 255 for a kernel that held
     the whole tile and prefetched the next), so many one-warp programs share a multiprocessor and hide each
-    other's memory latency. Head-granularity dynamic scales need the tile's absmax first: an extra pass.
+    other's memory latency; STAGES > 1 streams each pass's blocks through shared memory ahead of their use.
+    Head-granularity dynamic scales need the tile's absmax first: an extra pass.
     """
     W: tl.constexpr = V // 4
     NK: tl.constexpr = K // BK
