@@ -95,24 +95,6 @@ def tile_mask(valid, offs):
 
 
 @triton.jit
-def load_tile(codes_ptr, scales_ptr, offs, ok, valid, MODE: tl.constexpr, ROW: tl.constexpr):
-    """(stored codes [BK, BV] in their storage dtype, per-row fp32 scales [BK]) of one tile.
-
-    :func:`codes_to_float` widens the codes where they are used. Nothing is read where ``valid`` is false.
-    Scales are 1 for unquantized states.
-    """
-    c = tl.load(codes_ptr + offs, mask=tile_mask(valid, offs))
-    if MODE >= 2:
-        if ROW:
-            sc = tl.load(scales_ptr + ok, mask=tile_mask(valid, ok), other=0.0)
-        else:
-            sc = tl.load(scales_ptr + ok * 0, mask=tile_mask(valid, ok), other=0.0)
-    else:
-        sc = tl.full(ok.shape, 1.0, dtype=tl.float32)
-    return c, sc
-
-
-@triton.jit
 def codes_to_float(c, MODE: tl.constexpr):
     """Stored codes as fp32 values on their grid.
 
@@ -134,19 +116,31 @@ def _int8_rne(y):
 
 
 @triton.jit
-def store_tile(x, sc_prev, res, codes_ptr, scales_ptr, res_ptr, static_ptr, offs, ok, valid, seed, rnd_base,
-               MODE: tl.constexpr, ROW: tl.constexpr, ROUND: tl.constexpr, STATIC: tl.constexpr):
-    """Store the fp32 tile x [BK, BV] (whole rows when quantized) in the pool's format, where ``valid``.
+def load_codes(codes_ptr, scales_ptr, offs, ok, MODE: tl.constexpr, ROW: tl.constexpr):
+    """(codes as fp32 [BK, BV], per-row scales [BK]); the state is codes * scales[:, None] (scales 1 unquantized).
 
-    sc_prev and res are the row scales and residual codes the tile was loaded with: error feedback adds the
-    residual (in units of sc_prev * RESIDUAL_UNIT) back before rounding. static_ptr points at this head's
-    scales.
+    codes_ptr/scales_ptr point at this tile's first code and first scale; offs are [BK, BV] tile offsets.
     """
-    m = tile_mask(valid, offs)
+    c = codes_to_float(tl.load(codes_ptr + offs), MODE)
+    if MODE >= 2:
+        sc = tl.load(scales_ptr + (ok if ROW else ok * 0))
+    else:
+        sc = tl.full(ok.shape, 1.0, dtype=tl.float32)
+    return c, sc
+
+
+@triton.jit
+def store_state(x, sc_prev, codes_ptr, scales_ptr, res_ptr, static_ptr, offs, ok, seed, rnd_base,
+                MODE: tl.constexpr, ROW: tl.constexpr, ROUND: tl.constexpr, STATIC: tl.constexpr):
+    """Store the fp32 tile x [BK, BV] (whole rows when quantized) in the pool's format.
+
+    sc_prev is the row scales the tile was loaded with: error feedback adds the residual still in memory (in
+    units of sc_prev * RESIDUAL_UNIT) back before rounding. static_ptr points at this head's scales.
+    """
     if MODE == 0:
-        tl.store(codes_ptr + offs, x, mask=m)
+        tl.store(codes_ptr + offs, x)
     elif MODE == 1:
-        tl.store(codes_ptr + offs, x.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=m)
+        tl.store(codes_ptr + offs, x.to(tl.bfloat16, fp_downcast_rounding="rtne"))
     else:
         if MODE == 2:
             qmax = INT8_QMAX
@@ -155,7 +149,7 @@ def store_tile(x, sc_prev, res, codes_ptr, scales_ptr, res_ptr, static_ptr, offs
             qmax = FP8_QMAX
             ru = FP8_RU
         if ROUND == 2:
-            x = x + res.to(tl.float32) * (sc_prev * ru)[:, None]
+            x = x + tl.load(res_ptr + offs).to(tl.float32) * (sc_prev * ru)[:, None]
         if STATIC:
             sc = _row_vector(static_ptr, ok, ROW)
         else:
@@ -168,7 +162,7 @@ def store_tile(x, sc_prev, res, codes_ptr, scales_ptr, res_ptr, static_ptr, offs
             if STATIC:
                 y = tl.minimum(tl.maximum(y, -INT8_QMAX), INT8_QMAX)
             codes = _int8_rne(y)
-            tl.store(codes_ptr + offs, codes, mask=m)
+            tl.store(codes_ptr + offs, codes)
             if ROUND == 2:
                 c = codes_to_float(codes, MODE)
         else:
@@ -177,37 +171,16 @@ def store_tile(x, sc_prev, res, codes_ptr, scales_ptr, res_ptr, static_ptr, offs
                 u = tl.rand(seed, rnd_base + offs)
             c = _round_codes(y, u, MODE, ROUND, STATIC or ROUND == 1)
             if MODE == 2:
-                tl.store(codes_ptr + offs, c.to(tl.int8), mask=m)
+                tl.store(codes_ptr + offs, c.to(tl.int8))
             else:
-                tl.store(codes_ptr + offs, c.to(tl.float8e4nv), mask=m)
+                tl.store(codes_ptr + offs, c.to(tl.float8e4nv))
         if ROW:
-            tl.store(scales_ptr + ok, sc, mask=tile_mask(valid, ok))
+            tl.store(scales_ptr + ok, sc)
         else:
-            tl.store(scales_ptr + ok * 0, sc, mask=tile_mask(valid, ok) & (ok == 0))
+            tl.store(scales_ptr + ok * 0, sc, mask=ok == 0)
         if ROUND == 2:
             if MODE == 2:
-                tl.store(res_ptr + offs, _int8_rne((y - c) * INT8_INV_RU), mask=m)
+                tl.store(res_ptr + offs, _int8_rne((y - c) * INT8_INV_RU))
             else:
                 rc = _round_codes(y - c, y, MODE, 0, True)
-                tl.store(res_ptr + offs, rc.to(tl.float8e4nv), mask=m)
-
-
-@triton.jit
-def load_codes(codes_ptr, scales_ptr, offs, ok, MODE: tl.constexpr, ROW: tl.constexpr):
-    """(codes as fp32 [BK, BV], per-row scales [BK]); the state is codes * scales[:, None] (scales 1 unquantized).
-
-    codes_ptr/scales_ptr point at this tile's first code and first scale; offs are [BK, BV] tile offsets.
-    """
-    c, sc = load_tile(codes_ptr, scales_ptr, offs, ok, tl.program_id(0) >= 0, MODE, ROW)
-    return codes_to_float(c, MODE), sc
-
-
-@triton.jit
-def store_state(x, sc_prev, codes_ptr, scales_ptr, res_ptr, static_ptr, offs, ok, seed, rnd_base,
-                MODE: tl.constexpr, ROW: tl.constexpr, ROUND: tl.constexpr, STATIC: tl.constexpr):
-    """:func:`store_tile` of a whole valid tile whose residual (error feedback) is still in memory."""
-    res = 0
-    if ROUND == 2:
-        res = tl.load(res_ptr + offs)
-    store_tile(x, sc_prev, res, codes_ptr, scales_ptr, res_ptr, static_ptr, offs, ok, tl.program_id(0) >= 0, seed,
-               rnd_base, MODE, ROW, ROUND, STATIC)
+                tl.store(res_ptr + offs, rc.to(tl.float8e4nv))
