@@ -4,7 +4,7 @@ Decode at B=64, H=16, K=V=128 for every state format and the fused-gate entry; p
 inputs: isolates the kernel's arithmetic) and 1x8192 (bf16 inputs, as deployed). Fresh random inputs,
 poisoned outputs, a permuted slot map with a padding slot. Errors are reported as
 max|diff| / max|ref| (outputs, fp32 states) or in steps of the storage grid (stored states).
-Usage: python tools/gpu_check_kernels.py [--out DIR]
+Usage: python tools/gpu_check_kernels.py [--only decode|prefill] [--out DIR]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gdn2q.kernels import chunk_prefill, decode_step, new_state_pool  # noqa: E402
+from gdn2q.kernels.decode import decode_triton, launch_params  # noqa: E402
 from gdn2q.kernels.prefill import default_dot, prefill_triton  # noqa: E402
 from gdn2q.kernels.reference import gates  # noqa: E402
 from gdn2q.quant.state import StateQuantConfig, quantize_state  # noqa: E402
@@ -63,7 +64,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def check_decode(fmt: StateQuantConfig, B: int = 64, fused: bool = False, seed: int = 0) -> dict:
+def check_decode(fmt: StateQuantConfig, B: int = 64, fused: bool = False, seed: int = 0, **launch: int) -> dict:
+    """One decode step at the default launch (or with ``launch`` overrides) against the reference."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     P = B + 8
     pk, pr = _pools(fmt, P, gen)
@@ -84,7 +86,10 @@ def check_decode(fmt: StateQuantConfig, B: int = 64, fused: bool = False, seed: 
         g, b, w = r(H, K) * 2, r(H, K) * 2, r(H, V) * 2
     static = torch.rand(H, K, device="cuda", generator=gen) * 0.05 + 0.02 if fmt.scales == "static" else None
     out = torch.full((B, H, V), float("nan"), device="cuda", dtype=v.dtype)
-    decode_step(q, k, v, g, b, w, pk, slots, fmt, static_scales=static, out=out, force="triton", **kw)
+    if launch:
+        decode_triton(q, k, v, g, b, w, pk, slots, fmt, static_scales=static, out=out, **kw, **launch)
+    else:
+        decode_step(q, k, v, g, b, w, pk, slots, fmt, static_scales=static, out=out, force="triton", **kw)
     if fused:
         g, b, w = gates(g, b, w, kw["A_log"], kw["dt_bias"])
     ref = decode_step(q, k, v, g, b, w, pr, slots, fmt, static_scales=static, force="torch")
@@ -99,7 +104,7 @@ def check_decode(fmt: StateQuantConfig, B: int = 64, fused: bool = False, seed: 
     padded_zero = pad is None or bool((out[pad] == 0).all())
     ok = bool(not out.isnan().any() and o_err <= 8e-3 and s_err <= lim and same and padded_zero)
     return {"check": "decode" + ("-fused" if fused else ""), "state": "-".join(fmt.to_dict().values()), "B": B,
-            "o_err": o_err, "state_err": s_err, "ok": ok}
+            **launch, "o_err": o_err, "state_err": s_err, "ok": ok}
 
 
 def check_prefill(fmt: StateQuantConfig, B: int, T: int, dtype: torch.dtype, dot: str | None = None,
@@ -165,7 +170,7 @@ def _guarded(fn, *args, **kw) -> dict:
     return row
 
 
-def run_all() -> list[dict]:
+def run_decode() -> list[dict]:
     fmts = [StateQuantConfig("fp32"), StateQuantConfig("bf16"), StateQuantConfig("int8"),
             StateQuantConfig("int8", rounding="error-feedback"), StateQuantConfig("int8", granularity="head"),
             StateQuantConfig("int8", scales="static"), StateQuantConfig("fp8"),
@@ -175,7 +180,14 @@ def run_all() -> list[dict]:
     rows += [_guarded(check_decode, StateQuantConfig(d), B=256) for d in ("int8", "fp8", "bf16", "fp32")]
     rows += [_guarded(check_decode, StateQuantConfig(d), B=B) for d in ("int8", "fp8") for B in (1, 8)]  # few tiles
     rows.append(_guarded(check_decode, StateQuantConfig("int8"), fused=True))
-    rows += run_prefill()
+    # the pass-1 reads the default launch does not run (FMA or tensor cores), at full shape
+    other = 1 - launch_params(StateQuantConfig("int8"), 256 * H, torch.cuda.get_device_properties(0)
+                              .multi_processor_count)["mma"]
+    rows += [_guarded(check_decode, StateQuantConfig(d), B=B, mma=other, mma_stages=2) for d in ("int8", "fp8")
+             for B in (64, 256)]
+    rows += [_guarded(check_decode, f, mma=other, mma_stages=2) for f in (
+        StateQuantConfig("int8", rounding="error-feedback"), StateQuantConfig("fp8", granularity="head"),
+        StateQuantConfig("int8", scales="static"))]
     return rows
 
 
@@ -200,13 +212,17 @@ def run_prefill() -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/benchmarks")
+    ap.add_argument("--only", choices=("decode", "prefill"), default=None,
+                    help="run one half; its log is kernels-check-<half>-<card>.json")
     args = ap.parse_args()
     t0 = time.time()
-    rows = run_all()
+    rows = (run_decode() if args.only != "prefill" else []) + (run_prefill() if args.only != "decode" else [])
     card = torch.cuda.get_device_name().replace(" ", "-")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, f"kernels-check-{card}.json").write_text(json.dumps(
-        {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+    name = f"kernels-check-{args.only}-{card}.json" if args.only else f"kernels-check-{card}.json"
+    Path(args.out, name).write_text(json.dumps(
+        {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+         "command": " ".join(["tools/gpu_check_kernels.py", *sys.argv[1:]]), "rows": rows}, indent=1))
     print(f"{sum(r['ok'] for r in rows)}/{len(rows)} checks ok in {time.time() - t0:.0f} s")
 
 
