@@ -82,13 +82,9 @@ def _variants(keys: str, *values: tuple) -> list[dict]:
 DECODE_VARIANTS = {
     "float": _variants("num_warps block_v programs_per_sm stages", (4, 64, 4, 1), (2, 32, 8, 1), (2, 32, 10, 1),
                        (4, 32, 8, 1), (2, 32, 8, 3)),
-    # FMA pass 1 (mma=0), then the tensor-core pass-1 reads (mma=1, one warp per tile; mma_stages: how deep
-    # their 32-row blocks stream through shared memory). A cap of 128 registers keeps 16 one-warp programs
-    # per multiprocessor resident.
-    "quantized": _variants("num_warps block_k unroll stages programs_per_sm mma mma_stages maxnreg",
-                           (4, 128, 1, 1, 2, 0, 1, 0), (1, 8, 2, 3, 16, 0, 1, 0), (1, 8, 2, 1, 16, 0, 1, 0),
-                           (1, 8, 2, 3, 16, 1, 2, 128), (1, 8, 2, 3, 16, 1, 3, 128), (1, 8, 2, 3, 16, 1, 2, 0),
-                           (1, 8, 2, 1, 16, 1, 1, 128)),
+    "quantized": _variants("num_warps block_k unroll stages programs_per_sm", (1, 8, 2, 1, 16), (2, 8, 4, 1, 12),
+                           (4, 128, 1, 1, 2), (4, 128, 1, 2, 2), (2, 8, 2, 3, 10), (1, 8, 2, 3, 12),
+                           (1, 8, 2, 3, 16), (1, 8, 1, 4, 16), (1, 8, 2, 4, 16)),
 }
 
 

@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2q.kernels.mma_read import BLOCK, block_offsets, read_block, reads, stage_digits
 from gdn2q.kernels.packed import code_byte, pack_bytes, pack_fp8, unpack_fp8_word, unpack_int8_word, unpack_plane
 from gdn2q.kernels.state_io import (
     FP8_QMAX,
@@ -68,21 +67,18 @@ def rcp(x):
 
 
 @triton.jit
-def _slot_of(t, n_tiles, slots_ptr, HV: tl.constexpr, NPV: tl.constexpr):
-    """Pool slot of work tile t's sequence (-1 past the end: no state)."""
-    return tl.load(slots_ptr + tl.where(t < n_tiles, t, 0) // (HV * NPV), mask=t < n_tiles, other=-1).to(tl.int64)
-
-
-@triton.jit
-def _tile_of(t, n_tiles, slot, HV: tl.constexpr, NPV: tl.constexpr):
-    """(sequence, value head, V block, valid, pool head index) of work tile t, whose slot is ``slot``.
+def _tile_of(t, n_tiles, slots_ptr, HV: tl.constexpr, NPV: tl.constexpr):
+    """(sequence, value head, V block, valid, pool head index) of work tile t.
 
     A tile past the end or on a padding slot is invalid: it reads and writes no state (pool head 0 stands in).
     """
-    tt = tl.where(t < n_tiles, t, 0)
+    inside = t < n_tiles
+    tt = tl.where(inside, t, 0)
+    bi = tt // (HV * NPV)
     hv = (tt // NPV) % HV
-    valid = (t < n_tiles) & (slot >= 0)
-    return tt // (HV * NPV), hv, tt % NPV, valid, tl.where(valid, slot, 0) * HV + hv
+    slot = tl.load(slots_ptr + bi).to(tl.int64)
+    valid = inside & (slot >= 0)
+    return bi, hv, tt % NPV, valid, tl.where(valid, slot, 0) * HV + hv
 
 
 @triton.jit
@@ -152,7 +148,7 @@ def _decode_kernel(
     ov = tl.max_contiguous(tl.arange(0, BV), 4)
     offs = ok[:, None] * V + ov[None, :]
     for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
-        bi, hv, pv, valid, head = _tile_of(t, n_tiles, _slot_of(t, n_tiles, slots_ptr, HV, NPV), HV, NPV)
+        bi, hv, pv, valid, head = _tile_of(t, n_tiles, slots_ptr, HV, NPV)
         blk = state_ptr + head * (K * V) + pv * BV + offs
         m = tile_mask(valid, offs)
         c = tl.load(blk, mask=m).to(tl.float32)
@@ -179,15 +175,13 @@ def _add3(a0, a1, a2, b0, b1, b2):
 
 
 @triton.jit
-def _stage_rows(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, scales_ptr, rows_ptr, dig_ptr, bi, hv, head, valid,
-                scale, HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, FUSED: tl.constexpr,
-                NEG_EIG: tl.constexpr, L2NORM: tl.constexpr, ROW: tl.constexpr, MODE: tl.constexpr,
-                ROUND: tl.constexpr, MMA: tl.constexpr):
+def _stage_rows(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, scales_ptr, rows_ptr, bi, hv, head, valid, scale,
+                HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, FUSED: tl.constexpr, NEG_EIG: tl.constexpr,
+                L2NORM: tl.constexpr, ROW: tl.constexpr, MODE: tl.constexpr, ROUND: tl.constexpr):
     """Per-row terms of one tile, computed once (a row or a few per thread) and staged in the program's scratch
-    rows_ptr [5, K]; returns (q . k (q, k normalised, q scaled), and with MMA the scales of e and p).
+    rows_ptr [5, K]; returns q . k (q, k normalised, q scaled).
 
-    Staged: the erase weights e = b k d and read weights p = q d of pass 1 (d = row scale * exp(g); with MMA
-    as tensor-core operands at dig_ptr, :func:`gdn2q.kernels.mma_read.stage_digits`), and for
+    Staged: the erase weights e = b k d and read weights p = q d of pass 1 (d = row scale * exp(g)), and for
     pass 2 d floored at D_TINY (full decay or an empty row leaves k u; k / d stays finite), k / d and the
     residual's unit over d (error feedback). The passes go over the tile in blocks of rows in a layout where
     several threads share a row; computing these there cost every thread its rows' exponentials again in each
@@ -201,20 +195,15 @@ def _stage_rows(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, scales_ptr, rows_
     d = sc * tl.exp(g)
     dc = tl.maximum(d, D_TINY)
     tl.debug_barrier()          # the previous tile's passes have read the scratch
-    se = 0.0
-    sp = 0.0
-    if MMA:
-        se, sp = stage_digits(dig_ptr, b * k * d, q * d, ok, MODE)
-    else:
-        tl.store(rows_ptr + ok, b * k * d)
-        tl.store(rows_ptr + K + ok, q * d)
+    tl.store(rows_ptr + ok, b * k * d)
+    tl.store(rows_ptr + K + ok, q * d)
     tl.store(rows_ptr + 2 * K + ok, dc)
     inv_dc = rcp(dc)   # 1 ulp: far inside the one-step tolerance of a code
     tl.store(rows_ptr + 3 * K + ok, k * inv_dc)
     if ROUND == 2:
         tl.store(rows_ptr + 4 * K + ok, sc * (INT8_RU if MODE == 2 else FP8_RU) * inv_dc)
     tl.debug_barrier()          # every thread's rows are staged
-    return qk, se, sp
+    return qk
 
 
 @triton.jit
@@ -272,18 +261,17 @@ def _decode8_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, w_ptr, alog_ptr, dtb_ptr, o_ptr,
     codes_ptr, scales_ptr, res_ptr, static_ptr, slots_ptr, seed_ptr, scratch_ptr, scale, n_tiles,
     HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr,
-    STAGES: tl.constexpr, MMA: tl.constexpr, MMA_STAGES: tl.constexpr,
+    STAGES: tl.constexpr,
     FUSED: tl.constexpr, NEG_EIG: tl.constexpr, L2NORM: tl.constexpr,
     MODE: tl.constexpr, ROW: tl.constexpr, ROUND: tl.constexpr, STATIC: tl.constexpr,
 ):
     """The decode step for int8/fp8 codes (see :mod:`gdn2q.kernels.packed`), one tile per (sequence, value
     head), walked by a persistent grid, in two passes over blocks of BK key rows.
 
-    The tile's per-row terms are staged first (:func:`_stage_rows`, in scratch_ptr [programs, 9 K]). Pass 1
-    reads the code words and accumulates the erase and output reads: with MMA on the tensor cores (one warp,
-    blocks of 32 rows, :mod:`gdn2q.kernels.mma_read`), else elementwise ([BK, V/4] accumulators, so each
-    term is one FMA and the tile crosses warps in one reduction at the end); pass 2 reads the words again
-    (now from L1/L2), applies the update and stores the new codes and row scales. Only
+    The tile's per-row terms are staged first (:func:`_stage_rows`, in scratch_ptr [programs, 5, K]). Pass 1
+    reads the code words and accumulates the erase and output reads elementwise ([BK, V/4]
+    accumulators, so each term is one FMA and the tile crosses warps in one reduction at the end); pass 2
+    reads the words again (now from L1/L2), applies the update and stores the new codes and row scales. Only
     a row block of codes is live at a time (128 registers at 8-row blocks, against 255 for a kernel that held
     the whole tile and prefetched the next), so many one-warp programs share a multiprocessor and hide each
     other's memory latency; STAGES > 1 streams each pass's blocks through shared memory ahead of their use.
@@ -294,49 +282,32 @@ def _decode8_kernel(
     orow = tl.arange(0, BK)
     om = tl.arange(0, W)
     woffs = orow[:, None] * W + om[None, :]
-    rows_ptr = scratch_ptr + tl.program_id(0) * (9 * K)
-    dig_ptr = rows_ptr + 5 * K             # 16 K bytes: the MMA weight digits
-    slot_next = _slot_of(tl.program_id(0), n_tiles, slots_ptr, HV, 1)
+    rows_ptr = scratch_ptr + tl.program_id(0) * (5 * K)
     for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        bi, hv, _, valid, head = _tile_of(t, n_tiles, slot_next, HV, 1)
-        # the next tile's slot loads now: every address of a tile hangs on its slot
-        slot_next = _slot_of(t + tl.num_programs(0), n_tiles, slots_ptr, HV, 1)
+        bi, hv, _, valid, head = _tile_of(t, n_tiles, slots_ptr, HV, 1)
         tile_words = codes_ptr + head * (K * W)
         vbase = (bi * HV + hv) * V + om * 4
         if NK == 1:   # one block (few tiles, latency-bound): the codes and values load while the rows are staged
             wd0 = tl.load(tile_words + woffs, mask=tile_mask(valid, woffs))
             vg0, vg1, vg2, vg3 = _value_gates4(v_ptr, w_ptr, vbase, FUSED)
-        if MMA:   # the first block of pass 1 loads while the rows are staged
-            moffs = block_offsets(W)
-            wd_first = tl.load(tile_words + moffs, mask=tile_mask(valid, moffs), other=0)
-            qk, se, sp = _stage_rows(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, scales_ptr, rows_ptr, dig_ptr,
-                                     bi, hv, head, valid, scale, HQ, HV, K, FUSED, NEG_EIG, L2NORM, ROW, MODE, ROUND,
-                                     MMA)
-            acc = tl.zeros([BLOCK, BLOCK], dtype=tl.int32 if MODE == 2 else tl.float32)
-            acc = read_block(wd_first, acc, tile_words, dig_ptr, 0, valid, W, MODE)
-            for c in tl.range(1, K // BLOCK, loop_unroll_factor=1, num_stages=MMA_STAGES):
-                offs = c * (BLOCK * W) + moffs
-                wd = tl.load(tile_words + offs, mask=tile_mask(valid, offs), other=0)
-                acc = read_block(wd, acc, tile_words, dig_ptr, c, valid, W, MODE)
-            r0, r1, r2, r3, o0, o1, o2, o3 = reads(acc, se, sp, MODE)
-        else:
-            qk, _, _ = _stage_rows(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, scales_ptr, rows_ptr, dig_ptr, bi,
-                                   hv, head, valid, scale, HQ, HV, K, FUSED, NEG_EIG, L2NORM, ROW, MODE, ROUND, MMA)
-            zero = tl.zeros([BK, W], dtype=tl.float32)
-            ae0, ae1, ae2, ae3, ap0, ap1, ap2, ap3 = zero, zero, zero, zero, zero, zero, zero, zero
-            for c in tl.range(0, NK, loop_unroll_factor=UNROLL, num_stages=STAGES):
-                rows = c * BK + orow
-                if NK == 1:
-                    wd = wd0
-                else:
-                    wd = tl.load(tile_words + c * (BK * W) + woffs, mask=tile_mask(valid, woffs))
-                e = tl.load(rows_ptr + rows)
-                p = tl.load(rows_ptr + K + rows)
-                x0, x1, x2, x3 = _unpack(wd, MODE)
-                e2, p2 = e[:, None], p[:, None]
-                ae0, ae1, ae2, ae3 = ae0 + e2 * x0, ae1 + e2 * x1, ae2 + e2 * x2, ae3 + e2 * x3
-                ap0, ap1, ap2, ap3 = ap0 + p2 * x0, ap1 + p2 * x1, ap2 + p2 * x2, ap3 + p2 * x3
-            r0, r1, r2, r3, o0, o1, o2, o3 = tl.reduce((ae0, ae1, ae2, ae3, ap0, ap1, ap2, ap3), 0, _add8)
+        qk = _stage_rows(q_ptr, k_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, scales_ptr, rows_ptr, bi, hv, head, valid,
+                         scale, HQ, HV, K, FUSED, NEG_EIG, L2NORM, ROW, MODE, ROUND)
+
+        zero = tl.zeros([BK, W], dtype=tl.float32)
+        ae0, ae1, ae2, ae3, ap0, ap1, ap2, ap3 = zero, zero, zero, zero, zero, zero, zero, zero
+        for c in tl.range(0, NK, loop_unroll_factor=UNROLL, num_stages=STAGES):
+            rows = c * BK + orow
+            if NK == 1:
+                wd = wd0
+            else:
+                wd = tl.load(tile_words + c * (BK * W) + woffs, mask=tile_mask(valid, woffs))
+            e = tl.load(rows_ptr + rows)
+            p = tl.load(rows_ptr + K + rows)
+            x0, x1, x2, x3 = _unpack(wd, MODE)
+            e2, p2 = e[:, None], p[:, None]
+            ae0, ae1, ae2, ae3 = ae0 + e2 * x0, ae1 + e2 * x1, ae2 + e2 * x2, ae3 + e2 * x3
+            ap0, ap1, ap2, ap3 = ap0 + p2 * x0, ap1 + p2 * x1, ap2 + p2 * x2, ap3 + p2 * x3
+        r0, r1, r2, r3, o0, o1, o2, o3 = tl.reduce((ae0, ae1, ae2, ae3, ap0, ap1, ap2, ap3), 0, _add8)
 
         if NK > 1:   # loaded here, they would hold registers through pass 1
             vg0, vg1, vg2, vg3 = _value_gates4(v_ptr, w_ptr, vbase, FUSED)
@@ -447,12 +418,9 @@ def seed_tensor(fmt: StateQuantConfig, seed: int | torch.Tensor | None, device: 
 # their per-block overhead made them 40% slower; capping registers to fit 18-24 one-warp programs per
 # multiprocessor (a few spills) was 6-47% slower. Narrow V blocks for fp32/bf16.
 LAUNCH: dict[tuple[str, str], dict[str, int]] = {
-    ("8bit", "few"): dict(num_warps=4, block_k=128, unroll=1, stages=1, programs_per_sm=2, mma=0, mma_stages=1,
-                          maxnreg=0),
-    ("8bit", "medium"): dict(num_warps=1, block_k=8, unroll=2, stages=3, programs_per_sm=16, mma=0, mma_stages=1,
-                             maxnreg=0),
-    ("8bit", "many"): dict(num_warps=1, block_k=8, unroll=2, stages=3, programs_per_sm=16, mma=0, mma_stages=1,
-                           maxnreg=0),
+    ("8bit", "few"): dict(num_warps=4, block_k=128, unroll=1, stages=1, programs_per_sm=2),
+    ("8bit", "medium"): dict(num_warps=1, block_k=8, unroll=2, stages=3, programs_per_sm=16),
+    ("8bit", "many"): dict(num_warps=1, block_k=8, unroll=2, stages=3, programs_per_sm=16),
     ("bf16", "few"): dict(num_warps=4, block_v=32, stages=1, programs_per_sm=8),
     ("bf16", "medium"): dict(num_warps=4, block_v=64, stages=1, programs_per_sm=4),
     ("bf16", "many"): dict(num_warps=4, block_v=64, stages=1, programs_per_sm=4),
@@ -471,22 +439,11 @@ def launch_tier(heads: int, sms: int) -> str:
 def launch_params(fmt: StateQuantConfig, heads: int, sms: int, **overrides: int | None) -> dict[str, int]:
     """The launch of ``LAUNCH`` for ``heads`` tiles, with the non-None overrides applied."""
     base = dict(LAUNCH[("8bit" if fmt.quantized else fmt.dtype, launch_tier(heads, sms))])
-    known = {"num_warps", "programs_per_sm", "stages", "block_v", "block_k", "unroll", "mma", "mma_stages",
-             "maxnreg"}
+    known = {"num_warps", "programs_per_sm", "stages", "block_v", "block_k", "unroll"}
     if unknown := set(overrides) - known:
         raise TypeError(f"unknown decode launch option(s) {sorted(unknown)}; choose from {sorted(known)}")
     base.update({k: v for k, v in overrides.items() if v is not None})
     return base
-
-
-def mma_applies(lp: dict[str, int], K: int, V: int) -> bool:
-    """Whether a launch reads pass 1 on the tensor cores: asked for, and a shape the one-warp [32-row,
-    128-column] blocks of :mod:`gdn2q.kernels.mma_read` fit (else the FMA pass runs)."""
-    if not lp.get("mma", 0):
-        return False
-    if lp["num_warps"] != 1:
-        raise ValueError("the tensor-core pass-1 reads (mma=1) run one warp per tile: num_warps=1")
-    return V == 128 and K % 32 == 0
 
 
 def decode_triton(
@@ -501,9 +458,7 @@ def decode_triton(
     ``launch`` overrides keys of :data:`LAUNCH` (benchmark sweeps): num_warps, programs_per_sm (the grid is
     persistent: at most that many programs per multiprocessor), stages (> 1 lets Triton stream the state
     through shared memory with asynchronous copies), block_v (fp32/bf16: V columns per tile), block_k and
-    unroll (int8/fp8: key rows per block of the two passes, and their unrolling; tiles are whole rows), mma
-    (int8/fp8: 1 reads pass 1 on the tensor cores, one warp per tile, where K % 32 == 0 and V == 128) and
-    maxnreg (a register cap per thread; 0 for none).
+    unroll (int8/fp8: key rows per block of the two passes, and their unrolling; tiles are whole rows).
     """
     B, HQ, K = k.shape
     HV, V = v.shape[1], v.shape[2]
@@ -521,18 +476,13 @@ def decode_triton(
     scale = float(K ** -0.5 if scale is None else scale)
     meta = dict(HQ=HQ, HV=HV, K=K, V=V, FUSED=fused, NEG_EIG=allow_neg_eigval, L2NORM=use_qk_l2norm,
                 STAGES=lp["stages"], num_warps=lp["num_warps"], num_stages=1)
-    if lp.get("maxnreg"):
-        meta["maxnreg"] = lp["maxnreg"]
     if fmt.quantized:   # code words: four int8/fp8 codes per int32
         words = pool.codes.view(torch.int32)
         res = pool.residual.view(torch.int32) if pool.residual is not None else words
         stat = effective_static_scales(fmt, static_scales, HV, K, q.device)
-        mma = mma_applies(lp, K, V)
-        # per program: row terms [5, K], and for the tensor-core reads 16 K bytes of weight digits
-        scratch = torch.empty(grid[0], 9 * K, dtype=torch.float32, device=q.device)
+        scratch = torch.empty(grid[0], 5, K, dtype=torch.float32, device=q.device)   # per-program row terms
         _decode8_kernel[grid](*args, words, pool.scales, res, stat, slots, seed_tensor(fmt, seed, q.device), scratch,
-                              scale, n_tiles, BK=min(K, lp["block_k"]), UNROLL=lp["unroll"], MMA=mma,
-                              MMA_STAGES=lp["mma_stages"], **meta,
+                              scale, n_tiles, BK=min(K, lp["block_k"]), UNROLL=lp["unroll"], **meta,
                               **format_constexprs(fmt))
     else:
         _decode_kernel[grid](*args, pool.codes, slots, scale, n_tiles, BV=BV, MODE=MODES[fmt.dtype], **meta)
