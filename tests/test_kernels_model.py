@@ -71,3 +71,4 @@ def test_bench_model_reports_throughput_and_backend():
     r = bench_model(cfg, batch=2, state="int8", recipe="fp8", prompt_len=16, decode_reps=2, device="cpu")
     assert r["backend"] in ("triton", "torch") and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
     assert r["state"]["dtype"] == "int8" and r["recipe"] == "fp8"
+    assert r["device"] == "cpu" and r["card"]          # the processor's name, for the JSON a run leaves behind

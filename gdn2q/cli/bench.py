@@ -11,18 +11,21 @@ import typer
 from rich.table import Table
 
 from gdn2q.cli.app import app, console, guarded, print_json
-from gdn2q.cli.options import JsonOpt, ModelArg
+from gdn2q.cli.options import JsonOpt
 from gdn2q.errors import UnsupportedError
 from gdn2q.quant.state import STATE_DTYPES, StateQuantConfig
 
 RECIPES = ("bf16", "fp8")
 BASELINE = ("bf16", "fp32")  # (weights, state): what serving engines run today
+BenchModelArg = Annotated[Path | None, typer.Argument(
+    help="Checkpoint to time: an fla-layout folder, a lit_gpt .pth file or a gdn2q quantized folder. "
+         "Default: a randomly initialised 1.3B-shaped GDN-2.", show_default=False)]
 
 
 @app.command()
 @guarded
 def bench(
-    model: ModelArg = None,
+    model: BenchModelArg = None,
     batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together (state pool slots).")] = 64,
     state: Annotated[str, typer.Option(help=f"Recurrent-state dtype: {', '.join(STATE_DTYPES)}.")] = "int8",
     state_rounding: Annotated[str, typer.Option(help="nearest, stochastic or error-feedback.")] = "nearest",

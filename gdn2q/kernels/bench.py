@@ -15,8 +15,10 @@ are not supported on this path.
 
 from __future__ import annotations
 
+import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -214,6 +216,17 @@ def _timed(fn, reps: int) -> float:
 PDL_MODES = {"on": (True,), "off": (False,), "both": (False, True)}
 
 
+def _cpu_name() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), else the platform's word for it, else "cpu"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def bench_model(model_or_config: GDN2ForCausalLM | GDN2Config | None = None, batch: int = 64,
                 state: str | StateQuantConfig = "int8", recipe: str = "bf16", prompt_len: int = 2048,
                 decode_reps: int = 50, device: str | None = None, pdl_mode: str | None = None) -> dict:
@@ -257,7 +270,7 @@ def bench_model(model_or_config: GDN2ForCausalLM | GDN2Config | None = None, bat
         step_ms[f"decode_step_ms_pdl_{'on' if on else 'off'}"] = decode_s * 1e3
     ab = step_ms if len(step_ms) > 1 else {}
     return {"backend": backend(ids, c.head_dim, c.head_v_dim, fmt), "cuda_graph": graphed, "device": str(device),
-            "card": torch.cuda.get_device_name() if device == "cuda" else "cpu", "batch": batch,
+            "card": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(), "batch": batch,
             "state": fmt.to_dict(), "recipe": recipe, "layers": c.num_hidden_layers, "prompt_len": prompt_len,
             "pdl": pdl_used, "decode_step_ms": decode_s * 1e3, "decode_tok_s": batch / decode_s, **ab,
             "prefill_ms": prefill_s * 1e3, "prefill_tok_s": batch * prompt_len / prefill_s}
