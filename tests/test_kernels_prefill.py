@@ -57,7 +57,7 @@ def _check_states(kern, ref, fmt: StateQuantConfig, touched: list[int]):
 
 CASES = [
     # fmt, initial, B, T, slots, launch options
-    (StateQuantConfig("fp32"), True, 2, 150, [2, 0], {"block_v": 16, "out_block_v": 16}),
+    (StateQuantConfig("fp32"), True, 2, 150, [2, 0], {"block_v": 16, "out_block_v": 16, "wy_block_k": 16}),
     (StateQuantConfig("int8"), True, 2, 150, [3, -1], {"block_v": 32, "stages": 1}),
     (StateQuantConfig("int8", rounding="error-feedback"), True, 1, 64, [1], {}),
     (StateQuantConfig("fp8", granularity="head"), False, 2, 40, [0, 2], {"block_v": 16, "intra_warps": 8}),
@@ -66,7 +66,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("fmt,initial,B,T,slots,opts", CASES,
-                         ids=["fp32-T150-bv16", "int8-padding", "int8-ef-T64", "fp8-head-fresh-T40", "bf16-T128"])
+                         ids=["fp32-T150-slices", "int8-padding", "int8-ef-T64", "fp8-head-fresh-T40", "bf16-T128"])
 def test_prefill_matches_reference(fmt, initial, B, T, slots, opts):
     gen = torch.Generator().manual_seed(T + B)
     pk, pr = _pools(fmt, gen)
