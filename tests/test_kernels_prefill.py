@@ -80,6 +80,24 @@ def test_prefill_matches_reference(fmt, initial, B, T, slots, opts):
     _check_states(pk, pr, fmt, [s for s in slots if s >= 0])
 
 
+@pytest.mark.parametrize("slices", [64, 16], ids=["one-slice", "four-slices"])
+def test_prefill_head_dim_64_in_score_and_wy_slices(slices: int):
+    """K = V = 64: the score and WY kernels take the key columns in one slice (the default width) or in four."""
+    gen = torch.Generator().manual_seed(slices)
+    fmt, Kw, Hw = StateQuantConfig("int8"), 64, 2
+    pk, pr = pool_pair(fmt, gen, 2, Hw, Kw, Kw, DEV)
+    q, k, v = (torch.randn(1, 80, Hw, Kw, generator=gen).to(DEV) for _ in range(3))
+    g = -torch.rand(1, 80, Hw, Kw, generator=gen).to(DEV) * 0.5
+    b, w = torch.rand(1, 80, Hw, Kw, generator=gen).to(DEV), torch.rand(1, 80, Hw, Kw, generator=gen).to(DEV)
+    sl = torch.tensor([1], device=DEV, dtype=torch.int32)
+    ok = prefill_triton(q, k, v, g, b, w, pk, sl, fmt, dot_precision="tf32x3", score_block_k=slices,
+                        wy_block_k=slices)
+    ref = chunk_prefill(q, k, v, g, b, w, pr, sl, fmt, force="torch")
+    assert (ok - ref).abs().max() <= REL * ref.abs().max()
+    steps = (pk.dequantize() - pr.dequantize()).abs()[1] / pr.scales[1].unsqueeze(-1)
+    assert steps.max() <= 1.01 and torch.equal(pk.codes[0], pr.codes[0])
+
+
 def test_default_precision_is_tf32x3_and_unknown_names_fail():
     """The default is tf32x3 products (the 1e-3 and one-step state targets); a typo fails loudly."""
     gen = torch.Generator().manual_seed(1)

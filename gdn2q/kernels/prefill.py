@@ -510,7 +510,7 @@ def prefill_triton(
     scale: float | None = None, use_qk_l2norm: bool = True, static_scales: torch.Tensor | None = None,
     seed: int | torch.Tensor | None = None, out: torch.Tensor | None = None, dot_precision: str | None = None,
     block_v: int = 32, state_warps: int = 4, stages: int = 2, intra_warps: int = 4, out_block_v: int = 64,
-    wy_block_k: int = 64,
+    wy_block_k: int = 64, score_block_k: int = 64,
 ) -> torch.Tensor:
     """Launch the prefill kernels. q, k, g, b: [B, T, HQ, K]; v, w: [B, T, HV, V]; returns o.
 
@@ -526,8 +526,9 @@ def prefill_triton(
       as hi + lo pairs); "tf32x3" kept the fp32 state within ~1e-6 of the reference (H200), the default for
       fp32 inputs; "tf32" drifted ~2e-3 over 1000 tokens; "ieee" is fp32 FMA.
     block_v / state_warps / stages shape the sequential kernel, intra_warps and wy_block_k (key columns per
-    slice) the WY kernel, out_block_v the output kernel (benchmark sweeps). WY slices of 64 columns took the
-    WY kernel from 248 to 221 µs at 1x8192 on the H200 (16: 325 µs; 8 warps: slower). The score kernel always
+    slice) the WY kernel, score_block_k the score kernel's slices, out_block_v the output kernel (benchmark
+    sweeps). Slices of 64 key columns took the WY kernel from 248 to 221 µs and the score kernel from 424 to
+    297 µs at 1x8192 on the H200 (32 before; 16: 325 / 589 µs; WY at 8 warps: slower). The score kernel always
     runs 4 warps: at 8 (with block_v 64 and out_block_v 128) the H200 check returned NaN outputs where the CPU
     interpreter (which has no warps) agreed with the reference, so its scratch hand-off between warps is only
     trusted at 4.
@@ -554,7 +555,7 @@ def prefill_triton(
     fin = torch.empty(B * HV, K, V, **f32)
     sc = float(K ** -0.5 if scale is None else scale)
     _score_kernel[(N, B * HQ)](q, k, g, b, aqk, ainv, T, Tp, sc, HQ=HQ, K=K, L2NORM=use_qk_l2norm, DOT=plan.score,
-                               KS=min(K, 32), num_warps=4)
+                               KS=min(K, score_block_k), num_warps=4)
     _wy_kernel[(N, B * HQ)](q, k, g, b, v, w, ainv, y[0], y[-1], u, qg, kt[0], kt[-1], gc, T, Tp, sc, HQ=HQ, HV=HV,
                             K=K, V=V, L2NORM=use_qk_l2norm, DOT=plan.wy, SPLIT=plan.split, KC=min(K, wy_block_k),
                             num_warps=intra_warps)
