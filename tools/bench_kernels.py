@@ -5,7 +5,8 @@ Decode: one step of one layer (H=16, K=V=128) for B sequences, replayed from a C
 format. Prefill: ``chunk_gdn2`` (bf16 inputs, fp32 state) against ``chunk_prefill`` leaving an int8 (and
 fp32) final state. Reports medians of triton.testing.do_bench, the state traffic (bytes read + written
 per step over the time) and the device copy bandwidth measured in the same run.
-Writes kernels-<card>.json and .md to --out. Usage: python tools/bench_kernels.py [--out DIR]
+Writes kernels-<card>.json and .md to --out (kernels-prefill-<card> with --only prefill, so a prefill run does
+not replace the decode table). Usage: python tools/bench_kernels.py [--only decode|prefill] [--tune] [--out DIR]
 """
 
 from __future__ import annotations
@@ -337,7 +338,7 @@ def main() -> None:
     card = torch.cuda.get_device_name()
     meta = {"card": card, "versions": {"torch": torch.__version__, "triton": triton.__version__,
                                        "fla": fla_version}, "copy_GBps": copy_gbps}
-    slug = card.replace(" ", "-")
+    slug = ("prefill-" if args.only == "prefill" else "") + card.replace(" ", "-")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"kernels-{slug}.json").write_text(json.dumps({**meta, "rows": rows, "tuning": tuning}, indent=1))
     Path(args.out, f"kernels-{slug}.md").write_text(markdown(meta, rows))
