@@ -1,10 +1,12 @@
-"""Where the device time of one prefill call goes: GPU µs per kernel for gdn2q's chunked prefill and fla's
-``chunk_gdn2``, in the same process and on the same inputs (as tools/bench_kernels.py builds them).
+"""Device time per kernel of one prefill call, gdn2q's chunked prefill against fla's ``chunk_gdn2``.
+
+Same process, same inputs (as tools/bench_kernels.py builds them).
 
 Device time only (torch.profiler's CUDA activity), so host launch gaps do not count: this is the measure on
 which gdn2q's prefill trails fla (docs/kernels.md), and the table says which kernels to work on.
-Writes profile-prefill-<card>.json to --out.
-Usage: python tools/profile_prefill.py [--shapes 1x8192 1x32768] [--calls 5] [--out DIR]
+``--variant`` (repeatable) adds gdn2q runs with ``prefill_triton`` launch options, e.g.
+``--variant '{"score_block_k": 32}'``, to compare kernel by kernel. Writes profile-prefill-<card>.json to --out.
+Usage: python tools/profile_prefill.py [--shapes 1x8192 1x32768] [--variant JSON ...] [--calls 5] [--out DIR]
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["1x8192", "1x32768"], help="BxT prefill shapes")
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--variant", action="append", default=[], type=json.loads,
+                    help="JSON of prefill_triton launch options for an extra gdn2q run (repeatable)")
     ap.add_argument("--out", default="docs/benchmarks")
     args = ap.parse_args()
     try:
@@ -60,6 +64,7 @@ def main() -> None:
         B, T = (int(x) for x in shape.split("x"))
         inputs = _prefill_inputs(B, T)
         sides = [("gdn2q int8", _prefill_call(inputs, STATES["int8"]))]
+        sides += [(f"gdn2q int8 {json.dumps(v)}", _prefill_call(inputs, STATES["int8"], **v)) for v in args.variant]
         if chunk_gdn2 is not None:
             h0 = torch.randn(B, H, K, V, device="cuda")
             sides.append(("fla fp32", partial(chunk_gdn2, *inputs, initial_state=h0, output_final_state=True,
