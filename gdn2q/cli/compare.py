@@ -88,6 +88,7 @@ def compare(
     Example: `gdn2q compare small-int8 --data shakespeare_eval.txt --seq-len 512 --report report`
 
     Long context: `gdn2q compare small --stream --state int8 --state-rounding error-feedback --data eval.txt`
+
     Retrieval: `gdn2q compare --task recall` (every state dtype x rounding mode, bundled MQAR model)
     """
     from gdn2q import load_model
