@@ -13,8 +13,8 @@ in 16..256 and the format has no packed 4-bit residual, else the PyTorch referen
 - ``decode_step(q, k, v, g, b, w, pool, slots, fmt)``: one token, q, k, g, b [B, HQ, K], v, w [B, HV, V];
   returns o [B, HV, V]. With ``A_log`` [HQ] and ``dt_bias`` [HQ*K] given, g, b, w are taken as
   pre-activations (f_proj output, b_proj, w_proj outputs) and the gates are computed inside the kernel
-  (per key row and pass: where the gates can be computed once per channel upstream, as
-  :func:`gdn2q.kernels.glue.decode_inputs` does, that is cheaper).
+  (once per tile for int8/fp8 states, once per V block of a tile for fp32/bf16: where the gates can be
+  computed once per channel upstream, as :func:`gdn2q.kernels.glue.decode_inputs` does, that is cheaper).
 - ``chunk_prefill(q, k, v, g, b, w, pool, slots, fmt, initial=True)``: T tokens, [B, T, H, D] inputs
   (g, b, w already activated); starts from pool[slots] (or zeros when ``initial=False``) and leaves the
   final state stored in ``fmt``; returns o [B, T, HV, V].
