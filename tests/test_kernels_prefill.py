@@ -98,6 +98,14 @@ def test_prefill_head_dim_64_in_score_and_wy_slices(slices: int):
     assert steps.max() <= 1.01 and torch.equal(pk.codes[0], pr.codes[0])
 
 
+def test_slice_widths_must_be_powers_of_two():
+    fmt = StateQuantConfig("int8")
+    pk, _ = _pools(fmt, torch.Generator().manual_seed(0))
+    inputs = _inputs(torch.Generator().manual_seed(1), 1, 16)
+    with pytest.raises(ValueError, match="score_block_k=48"):
+        prefill_triton(*inputs, pk, torch.tensor([0], device=DEV, dtype=torch.int32), fmt, score_block_k=48)
+
+
 def test_default_precision_is_tf32x3_and_unknown_names_fail():
     """The default is tf32x3 products (the 1e-3 and one-step state targets); a typo fails loudly."""
     gen = torch.Generator().manual_seed(1)

@@ -9,6 +9,7 @@ Usage: python tools/prefill_sass.py [--dot bf16 mixed ...]
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
@@ -44,13 +45,17 @@ def kernels(dot: str) -> list[tuple[str, object, dict, dict, int, int]]:
     store = {"fin_ptr": "*fp32", "codes_ptr": "*i8", "scales_ptr": "*fp32", "res_ptr": "*i8",
              "static_ptr": "*fp32", "slots_ptr": "*i32", "seed_ptr": "*i64"}
     heads = {"HQ": H, "HV": H, "K": K, "V": V}
+    # the launch options as prefill_triton defaults them, so this report follows any retuning
+    d = {n: p.default for n, p in inspect.signature(prefill.prefill_triton).parameters.items()}
     return [
-        ("score", prefill._score_kernel, score, {"HQ": H, "K": K, "L2NORM": True, "DOT": plan.score, "KS": 32}, 4, 3),
+        ("score", prefill._score_kernel, score, {"HQ": H, "K": K, "L2NORM": True, "DOT": plan.score,
+                                                 "KS": min(K, d["score_block_k"])}, 4, 3),
         ("wy", prefill._wy_kernel, wyk, {**heads, "L2NORM": True, "DOT": plan.wy, "SPLIT": plan.split,
-                                         "KC": 32}, 4, 3),
-        ("state", prefill._state_kernel, state, {**heads, "BV": 32, "INIT": True, "MODE": cx["MODE"],
-                                                 "ROW": cx["ROW"], "DOT": plan.state}, 4, 2),
-        ("output", prefill._output_kernel, out, {**heads, "BV": 64, "DOT": plan.out}, 4, 3),
+                                         "KC": min(K, d["wy_block_k"])}, d["intra_warps"], 3),
+        ("state", prefill._state_kernel, state, {**heads, "BV": d["block_v"], "INIT": True, "MODE": cx["MODE"],
+                                                 "ROW": cx["ROW"], "DOT": plan.state}, d["state_warps"],
+         d["stages"]),
+        ("output", prefill._output_kernel, out, {**heads, "BV": d["out_block_v"], "DOT": plan.out}, 4, 3),
         ("store", prefill._store_kernel, store, {"HV": H, "K": K, "V": V, "INIT": True, **cx}, 4, 3),
     ]
 

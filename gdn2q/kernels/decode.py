@@ -128,6 +128,11 @@ def _add2(a0, a1, b0, b1):
 
 
 @triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, w_ptr, alog_ptr, dtb_ptr, o_ptr, state_ptr, slots_ptr, scale, n_tiles,
     HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, STAGES: tl.constexpr,
@@ -167,11 +172,6 @@ def _decode_kernel(
         else:
             tl.store(blk, s, mask=m)
         tl.store(o_ptr + v_off, tl.where(valid, o_pre + qk * u, 0.0).to(o_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _add3(a0, a1, a2, b0, b1, b2):
-    return a0 + b0, a1 + b1, a2 + b2
 
 
 @triton.jit

@@ -186,7 +186,7 @@ def _decode_inputs_kernel(y1_ptr, y2_ptr, win_ptr, taps_ptr, cb_ptr, alog_ptr, d
     """Channels c of one sequence in the order q k v b w f: conv step of q|k|v, copies of b|w|f; every one of
     the six lands in its own contiguous [B, n] plane of out. With GATES, b|w|f leave as the fp32 gates
     (GDN2_SPEC.md 1.2 steps 3-4) in the planes of gout instead, computed once per channel here rather than
-    once per key row in every pass of the recurrence kernel."""
+    in every program of the recurrence kernel that updates the head."""
     C: tl.constexpr = 2 * KD + VD
     F0: tl.constexpr = 3 * KD + 2 * VD          # q k v b w come from y1, f from y2
     pdl.launch_dependents(PDL)

@@ -535,6 +535,9 @@ def prefill_triton(
     """
     B, T, HQ, K = k.shape
     HV, V = v.shape[2], v.shape[3]
+    for name, n in (("wy_block_k", wy_block_k), ("score_block_k", score_block_k)):
+        if n < 16 or n & (n - 1):
+            raise ValueError(f"prefill {name}={n}: key columns per slice must be a power of two >= 16, e.g. 64")
     plan = launch_plan(dot_precision or default_dot(q.dtype))
     q, k, v, g, b, w = (t.contiguous() for t in (q, k, v, g, b, w))
     N = triton.cdiv(T, CHUNK)

@@ -123,7 +123,7 @@ def load_codes(codes_ptr, scales_ptr, offs, ok, MODE: tl.constexpr, ROW: tl.cons
     """
     c = codes_to_float(tl.load(codes_ptr + offs), MODE)
     if MODE >= 2:
-        sc = tl.load(scales_ptr + (ok if ROW else ok * 0))
+        sc = _row_vector(scales_ptr, ok, ROW)
     else:
         sc = tl.full(ok.shape, 1.0, dtype=tl.float32)
     return c, sc
