@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gdn2q.kernels import chunk_prefill
+from gdn2q.kernels import chunk_prefill, new_state_pool
 from gdn2q.kernels.prefill import prefill_triton
 from gdn2q.quant.state import StateQuantConfig
 from tests.pools import pool_pair
@@ -143,12 +143,12 @@ def _bf16_inputs(gen: torch.Generator, B: int, T: int):
     return [t.bfloat16() if i != 3 else t for i, t in enumerate(_inputs(gen, B, T))]
 
 
-@pytest.mark.parametrize("fmt", [StateQuantConfig("fp32"), StateQuantConfig("int8")], ids=["fp32", "int8"])
-def test_mixed_precision_keeps_the_state_exact(fmt):
-    """dot_precision="mixed" (the default for bf16 inputs): bf16 products and intermediates for the output, split
-    products with hi + lo stored Y / Ktail for everything that reaches S_T. The output is held to bf16 accuracy,
-    the fp32 state to 1e-4 (the "bf16" path is ~100x further off) and the int8 state to one step."""
+def test_mixed_precision_keeps_the_fp32_state_exact():
+    """dot_precision="mixed" (the default for bf16 inputs): bf16 products where their rounding stays out of S_T,
+    split products for most of what reaches it. The output is held to bf16 accuracy, the fp32 state to 2e-3
+    relative (9e-4 here, the bf16 erase read; 2.5e-4 at 1x8192 on an H200), the "bf16" path is 5x further off."""
     gen = torch.Generator().manual_seed(3)
+    fmt = StateQuantConfig("fp32")
     pk, pr = _pools(fmt, gen)
     pb = _pools(fmt, torch.Generator().manual_seed(3))[0]
     inputs = _bf16_inputs(gen, 2, 150)
@@ -156,10 +156,27 @@ def test_mixed_precision_keeps_the_state_exact(fmt):
     ok = chunk_prefill(*inputs, pk, sl, fmt, force="triton")                       # the default for bf16
     ref = chunk_prefill(*inputs, pr, sl, fmt, force="torch")
     assert (ok.float() - ref.float()).abs().max() <= 3e-2 * ref.float().abs().max()
-    if fmt.dtype == "fp32":
-        d = (pk.codes - pr.codes)[[3, 1]].abs().max() / pr.codes[[3, 1]].abs().max()
-        assert d <= 1e-4
-        prefill_triton(*inputs, pb, sl, fmt, dot_precision="bf16")
-        assert (pb.codes - pr.codes)[[3, 1]].abs().max() / pr.codes[[3, 1]].abs().max() > 10 * d
-    else:
-        _check_states(pk, pr, fmt, [3, 1])
+    d = (pk.codes - pr.codes)[[3, 1]].abs().max() / pr.codes[[3, 1]].abs().max()
+    assert d <= 2e-3
+    prefill_triton(*inputs, pb, sl, fmt, dot_precision="bf16")
+    assert (pb.codes - pr.codes)[[3, 1]].abs().max() / pr.codes[[3, 1]].abs().max() > 5 * d
+
+
+@pytest.mark.parametrize("dot", [None, "bf16x3", "bf16"], ids=["default", "bf16x3", "bf16"])
+def test_int8_state_distance_from_the_exact_one(dot):
+    """The int8 S_T, in steps of its own grid, from the exact fp32 S_T (half a step of rounding plus the product
+    error), as tools/gpu_check_kernels.py judges it on the GPU: within 0.9 for the default ("mixed") and the
+    split products, beyond it for plain bf16 (so the measure can fail). Against the quantized reference a code
+    can sit one step plus the product error's shift of the row scale away, so that is not the measure."""
+    gen = torch.Generator().manual_seed(4)
+    fmt = StateQuantConfig("int8")
+    pk, pr = _pools(fmt, gen)
+    inputs = _bf16_inputs(gen, 2, 150)
+    sl = torch.tensor([3, 1], device=DEV, dtype=torch.int32)
+    exact = new_state_pool(2, HV, K, V, StateQuantConfig("fp32"), DEV)
+    exact.codes.copy_(pr.index_select(sl).dequantize())
+    ok = prefill_triton(*inputs, pk, sl, fmt, dot_precision=dot)
+    ref = chunk_prefill(*inputs, exact, torch.arange(2, device=DEV), StateQuantConfig("fp32"), force="torch")
+    assert (ok.float() - ref.float()).abs().max() <= 3e-2 * ref.float().abs().max()
+    err = ((pk.dequantize()[sl] - exact.codes) / pk.scales[sl].unsqueeze(-1)).abs().max()
+    assert err > 0.9 if dot == "bf16" else err <= 0.9

@@ -32,13 +32,13 @@ def kernels(dot: str) -> list[tuple[str, object, dict, dict, int, int]]:
     """(name, kernel, signature, constexprs, warps, stages) of each launch of prefill_triton for ``dot``."""
     plan = prefill.launch_plan(dot)
     t = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}
-    op, wy, u = t[plan.out_dtype], t[plan.wy_dtype], t[plan.u_dtype]
+    op, y, kt, u = t[plan.out_dtype], t[plan.y_dtype], t[plan.kt_dtype], t[plan.u_dtype]
     cx = format_constexprs(StateQuantConfig("int8"))
     ins = {"q_ptr": "*bf16", "k_ptr": "*bf16", "g_ptr": "*fp32", "b_ptr": "*bf16"}
     score = {**ins, "aqk_ptr": op, "ainv_ptr": "*fp32", "T": "i32", "Tp": "i32", "scale": "fp32"}
-    wyk = {**ins, "v_ptr": "*bf16", "w_ptr": "*bf16", "ainv_ptr": "*fp32", "y_ptr": wy, "ylo_ptr": wy, "u_ptr": u,
-           "qg_ptr": op, "kt_ptr": wy, "ktlo_ptr": wy, "gc_ptr": "*fp32", "T": "i32", "Tp": "i32", "scale": "fp32"}
-    state = {"y_ptr": wy, "ylo_ptr": wy, "u_ptr": u, "kt_ptr": wy, "ktlo_ptr": wy, "gc_ptr": "*fp32", "hs_ptr": op,
+    wyk = {**ins, "v_ptr": "*bf16", "w_ptr": "*bf16", "ainv_ptr": "*fp32", "y_ptr": y, "ylo_ptr": y, "u_ptr": u,
+           "qg_ptr": op, "kt_ptr": kt, "ktlo_ptr": kt, "gc_ptr": "*fp32", "T": "i32", "Tp": "i32", "scale": "fp32"}
+    state = {"y_ptr": y, "ylo_ptr": y, "u_ptr": u, "kt_ptr": kt, "ktlo_ptr": kt, "gc_ptr": "*fp32", "hs_ptr": op,
              "vn_ptr": op, "fin_ptr": "*fp32", "codes_ptr": "*i8", "scales_ptr": "*fp32", "slots_ptr": "*i32",
              "N": "i32"}
     out = {"aqk_ptr": op, "qg_ptr": op, "hs_ptr": op, "vn_ptr": op, "o_ptr": "*bf16", "T": "i32", "N": "i32"}
@@ -50,10 +50,12 @@ def kernels(dot: str) -> list[tuple[str, object, dict, dict, int, int]]:
     return [
         ("score", prefill._score_kernel, score, {"HQ": H, "K": K, "L2NORM": True, "DOT": plan.score,
                                                  "KS": min(K, d["score_block_k"])}, 4, 3),
-        ("wy", prefill._wy_kernel, wyk, {**heads, "L2NORM": True, "DOT": plan.wy, "SPLIT": plan.split,
+        ("wy", prefill._wy_kernel, wyk, {**heads, "L2NORM": True, "DOT": plan.wy, "SPLIT_Y": plan.y_split,
+                                         "SPLIT_KT": plan.kt_split,
                                          "KC": min(K, d["wy_block_k"])}, d["intra_warps"], 3),
         ("state", prefill._state_kernel, state, {**heads, "BV": d["block_v"], "INIT": True, "MODE": cx["MODE"],
-                                                 "ROW": cx["ROW"], "DOT": plan.state}, d["state_warps"],
+                                                 "ROW": cx["ROW"], "READ": plan.read,
+                                                 "WRITE": plan.write}, d["state_warps"],
          d["stages"]),
         ("output", prefill._output_kernel, out, {**heads, "BV": d["out_block_v"], "DOT": plan.out}, 4, 3),
         ("store", prefill._store_kernel, store, {"HV": H, "K": K, "V": V, "INIT": True, **cx}, 4, 3),

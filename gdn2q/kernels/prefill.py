@@ -15,8 +15,9 @@ Five launches (GDN2_SPEC.md 2), shaped like fla's chunk_gdn2 so that only the st
    O = (gamma q) S_chunk + Aqk R (the output product is off the sequential path).
 5. ``_store_kernel``: stores S_T into the pool slot in its format (same rounding code as the decode step).
 The precision of each launch's products and of the tensors between launches follows ``dot_precision``
-(:class:`LaunchPlan`): bf16 operands where their rounding does not reach S_T, bf16 hi + lo split products where
-it does ("mixed", the default for bf16 inputs), or one precision throughout. The carried state is always fp32.
+(:class:`LaunchPlan`, one precision per product group): bf16 operands where their rounding does not reach S_T or
+moves it little, bf16 hi + lo split products where it does ("mixed", the default for bf16 inputs), or one
+precision throughout. The carried state is always fp32.
 Head dims K, V must be powers of two (16..256); T is arbitrary (the last chunk is zero-padded: padded rows of
 Y, U, Ktail are zero, so they leave S unchanged).
 """
@@ -315,13 +316,13 @@ def _score_kernel(
 def _wy_kernel(
     q_ptr, k_ptr, g_ptr, b_ptr, v_ptr, w_ptr, ainv_ptr, y_ptr, ylo_ptr, u_ptr, qg_ptr, kt_ptr, ktlo_ptr, gc_ptr,
     T, Tp, scale, HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L2NORM: tl.constexpr,
-    DOT: tl.constexpr, SPLIT: tl.constexpr, KC: tl.constexpr,
+    DOT: tl.constexpr, SPLIT_Y: tl.constexpr, SPLIT_KT: tl.constexpr, KC: tl.constexpr,
 ):
     """Y = A E, U = A Z, gamma q, Ktail, gamma_C for one chunk of one q/k head (all its value heads' U).
 
     The row norms need whole rows; everything else is per key column (cumsum included), so it runs in KC-column
-    slices to keep the [64, K] fp32 tiles from spilling. SPLIT stores Y and Ktail as bf16 hi + lo pairs, so the
-    sequential kernel feeds them to its split products as loaded.
+    slices to keep the [64, K] fp32 tiles from spilling. SPLIT_Y / SPLIT_KT store Y / Ktail as bf16 hi + lo
+    pairs, so the sequential kernel feeds them to its split products as loaded.
     """
     n = tl.program_id(0)
     bq = tl.program_id(1)
@@ -344,9 +345,9 @@ def _wy_kernel(
         gam = tl.exp(G)
         k = _rows(k_ptr, bi, hq, c0, T, HQ, K, 64, s0, KC) * nk[:, None]
         e = gam * _rows(b_ptr, bi, hq, c0, T, HQ, K, 64, s0, KC) * k
-        _store_op(y_ptr, ylo_ptr, off, _dot_a(a, ah, al, e, DOT), SPLIT)
+        _store_op(y_ptr, ylo_ptr, off, _dot_a(a, ah, al, e, DOT), SPLIT_Y)
         glast = tl.sum(tl.where((r64 == 63)[:, None], G, 0.0), axis=0)
-        _store_op(kt_ptr, ktlo_ptr, off, k * tl.exp(glast[None, :] - G), SPLIT)
+        _store_op(kt_ptr, ktlo_ptr, off, k * tl.exp(glast[None, :] - G), SPLIT_KT)
         tl.store(gc_ptr + (bq * (Tp // 64) + n).to(tl.int64) * K + oc, tl.exp(glast))
         q = _rows(q_ptr, bi, hq, c0, T, HQ, K, 64, s0, KC) * nq[:, None]
         tl.store(qg_ptr + off, (q * gam).to(qg_ptr.dtype.element_ty))
@@ -362,13 +363,14 @@ def _wy_kernel(
 def _state_kernel(
     y_ptr, ylo_ptr, u_ptr, kt_ptr, ktlo_ptr, gc_ptr, hs_ptr, vn_ptr, fin_ptr, codes_ptr, scales_ptr, slots_ptr, N,
     HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-    INIT: tl.constexpr, MODE: tl.constexpr, ROW: tl.constexpr, DOT: tl.constexpr,
+    INIT: tl.constexpr, MODE: tl.constexpr, ROW: tl.constexpr, READ: tl.constexpr, WRITE: tl.constexpr,
 ):
     """The sequential pass: only R = U - Y S and S <- gamma_C S + Ktail^T R on the chain from chunk to chunk.
 
-    Loads of the next chunk's Y, U, Ktail do not depend on S, so num_stages > 1 prefetches them. With "bf16x3"
-    Y and Ktail arrive as hi + lo pairs and only S and R are split here. R keeps fp32 for the state update; the
-    chunk start states and R are stored for the output kernel in its operand dtype.
+    Loads of the next chunk's Y, U, Ktail do not depend on S, so num_stages > 1 prefetches them. A "bf16x3"
+    product (READ for Y S, WRITE for Ktail^T R) gets Y / Ktail as hi + lo pairs and splits only S / R here. R
+    keeps fp32 for the state update; the chunk start states and R are stored for the output kernel in its
+    operand dtype.
     """
     pv = tl.program_id(0)
     bh = tl.program_id(1)
@@ -390,15 +392,17 @@ def _state_kernel(
         tl.store(hs_ptr + (bh * N + n).to(tl.int64) * (K * V) + hs_off, s.to(hs_ptr.dtype.element_ty))
         u = tl.load(u_ptr + voff).to(tl.float32)
         gc = tl.load(gc_ptr + (bq * N + n).to(tl.int64) * K + ok)
-        if DOT == "bf16x3":  # Y, Ktail come as hi + lo pairs (LaunchPlan.split)
+        if READ == "bf16x3":  # Y comes as a hi + lo pair (LaunchPlan.y_split)
             sh, sl = _split(s)
             r = u - _dot3(tl.load(y_ptr + qoff), tl.load(ylo_ptr + qoff), sh, sl)   # residual after the erase
+        else:
+            r = u - _dot(tl.load(y_ptr + qoff), s, READ)
+        if WRITE == "bf16x3":  # Ktail comes as a hi + lo pair (LaunchPlan.kt_split)
             rh, rl = _split(r)
             s = _dot3(tl.trans(tl.load(kt_ptr + qoff)), tl.trans(tl.load(ktlo_ptr + qoff)), rh, rl,
                       s * gc[:, None])
         else:
-            r = u - _dot(tl.load(y_ptr + qoff), s, DOT)
-            s = _dot(tl.trans(tl.load(kt_ptr + qoff)), r, DOT, s * gc[:, None])
+            s = _dot(tl.trans(tl.load(kt_ptr + qoff)), r, WRITE, s * gc[:, None])
         tl.store(vn_ptr + voff, r.to(vn_ptr.dtype.element_ty))
     tl.store(fin_ptr + bh.to(tl.int64) * (K * V) + hs_off, s)
 
@@ -461,7 +465,8 @@ class LaunchPlan(NamedTuple):
 
     score: str   # score kernel: T and Aqk blocks (the 16x16 inverse is always fp32 FMA)
     wy: str      # Y = A E, U = A Z
-    state: str   # R = U - Y S, S <- gamma_C S + Ktail^T R
+    read: str    # R = U - Y S (the erase read of the sequential pass)
+    write: str   # S <- gamma_C S + Ktail^T R (its state update)
     out: str     # O = (gamma q) S_chunk + Aqk R
 
     @property
@@ -470,31 +475,45 @@ class LaunchPlan(NamedTuple):
         return torch.bfloat16 if self.out == "bf16" else torch.float32
 
     @property
-    def wy_dtype(self) -> torch.dtype:
-        """Y and Ktail: bf16 (hi + lo pairs when split) for bf16 state products, else fp32."""
-        return torch.bfloat16 if self.state == "bf16" or self.split else torch.float32
+    def y_dtype(self) -> torch.dtype:
+        """Y, stored in the operand dtype of the read product (bf16, hi + lo pairs when split, else fp32)."""
+        return _operand_dtype(self.read)
+
+    @property
+    def kt_dtype(self) -> torch.dtype:
+        """Ktail, stored in the operand dtype of the write product."""
+        return _operand_dtype(self.write)
 
     @property
     def u_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.state == "bf16" else torch.float32
+        """U is bf16 only when both state products are: R = U - Y S feeds the write product."""
+        return torch.bfloat16 if self.read == self.write == "bf16" else torch.float32
 
     @property
-    def split(self) -> bool:
-        """Y and Ktail stored as bf16 hi + lo pairs for the split state products."""
-        return self.state == "bf16x3"
+    def y_split(self) -> bool:
+        return self.read == "bf16x3"
+
+    @property
+    def kt_split(self) -> bool:
+        return self.write == "bf16x3"
+
+
+def _operand_dtype(prec: str) -> torch.dtype:
+    return torch.bfloat16 if prec in ("bf16", "bf16x3") else torch.float32
 
 
 _PLANS = {
-    "bf16": LaunchPlan("tf32", "tf32", "bf16", "bf16"),
-    "mixed": LaunchPlan("tf32", "bf16x3", "bf16x3", "bf16"),
-    "bf16x3": LaunchPlan("tf32x3", "tf32x3", "bf16x3", "bf16x3"),
-    **{p: LaunchPlan(p, p, p, p) for p in ("tf32", "tf32x3", "ieee")},
+    "bf16": LaunchPlan("tf32", "tf32", "bf16", "bf16", "bf16"),
+    "mixed": LaunchPlan("bf16", "bf16x3", "bf16", "bf16x3", "bf16"),
+    "bf16x3": LaunchPlan("tf32x3", "tf32x3", "bf16x3", "bf16x3", "bf16x3"),
+    **{p: LaunchPlan(p, p, p, p, p) for p in ("tf32", "tf32x3", "ieee")},
 }
 DOT_PRECISIONS = tuple(_PLANS)
 
 
 def default_dot(dtype: torch.dtype) -> str:
-    """The default dot_precision: "mixed" for bf16 inputs (fast, S_T exact to ~0.05 int8 steps), else tf32x3."""
+    """The default dot_precision: "mixed" for bf16 inputs (fast, an int8 S_T within 0.55 steps of the exact
+    one), else tf32x3."""
     return "mixed" if dtype == torch.bfloat16 else "tf32x3"
 
 
@@ -509,28 +528,30 @@ def prefill_triton(
     pool: QuantizedState, slots: torch.Tensor, fmt: StateQuantConfig, *, initial: bool = True,
     scale: float | None = None, use_qk_l2norm: bool = True, static_scales: torch.Tensor | None = None,
     seed: int | torch.Tensor | None = None, out: torch.Tensor | None = None, dot_precision: str | None = None,
-    block_v: int = 32, state_warps: int = 4, stages: int = 2, intra_warps: int = 4, out_block_v: int = 64,
+    block_v: int = 16, state_warps: int = 4, stages: int = 3, intra_warps: int = 4, out_block_v: int = 64,
     wy_block_k: int = 64, score_block_k: int = 64,
 ) -> torch.Tensor:
     """Launch the prefill kernels. q, k, g, b: [B, T, HQ, K]; v, w: [B, T, HV, V]; returns o.
 
     dot_precision (default "mixed" for bf16 inputs, else "tf32x3"), per launch as :class:`LaunchPlan`:
-    - "mixed": the score kernel as "bf16" (tf32) and the output kernel in bf16 (bf16 Aqk, gamma q, chunk states
-      and R), whose rounding stays out of S_T; split bf16 hi + lo products for Y, U and both state products,
-      whose rounding enters S_T (Y and Ktail stored as hi + lo pairs, U in fp32, R kept fp32 for the update).
-      A float64 emulation at 1x8192 (tools/prefill_precision.py) puts its S_T within 0.02-0.05 int8 steps of
-      the exact state (0.9-1.2 for "bf16"), the rest being the tf32 score products.
-    - "bf16": fla's choice, bf16 operands and intermediates everywhere after the score/WY kernels: the rounding
-      of Ktail, U, R and the update product puts the int8 S_T 1.47 steps from the reference (H200).
+    - "mixed": bf16 products where their rounding stays out of S_T or moves it little: the score kernel (T and
+      Aqk), the erase read Y S of the sequential pass (Y stored bf16) and the output kernel (bf16 Aqk, gamma q,
+      chunk states, R); split bf16 hi + lo products where it does not: Y = A E, U = A Z and the state update
+      Ktail^T R (Ktail stored as hi + lo, U fp32, R kept fp32). tools/prefill_precision.py's float64 emulation
+      says which products carry the error. H200, 1x8192 (tools/gpu_check_kernels.py): the int8 S_T 0.54 steps
+      from the exact state (0.51 with every state product split, 1.17 for "bf16").
+    - "bf16": fla's choice, bf16 operands and intermediates everywhere after the score/WY kernels (tf32): the
+      rounding of Ktail, U, R and the update product puts the int8 S_T 1.17 steps from the exact state.
     - "bf16x3": split products everywhere (tf32x3 in the score/WY kernels) and fp32 intermediates (Y and Ktail
       as hi + lo pairs); "tf32x3" kept the fp32 state within ~1e-6 of the reference (H200), the default for
       fp32 inputs; "tf32" drifted ~2e-3 over 1000 tokens; "ieee" is fp32 FMA.
-    block_v / state_warps / stages shape the sequential kernel, intra_warps and wy_block_k (key columns per
-    slice) the WY kernel, score_block_k the score kernel's slices, out_block_v the output kernel (benchmark
-    sweeps). Slices of 64 key columns took the WY kernel from 248 to 221 µs and the score kernel from 424 to
-    297 µs at 1x8192 on the H200 (32 before; 16: 325 / 589 µs; WY at 8 warps: slower). The score kernel always
-    runs 4 warps: at 8 (with block_v 64 and out_block_v 128) the H200 check returned NaN outputs where the CPU
-    interpreter (which has no warps) agreed with the reference, so its scratch hand-off between warps is only
+    block_v / state_warps / stages shape the sequential kernel (16 value columns per program: 281 against 305 µs
+    at 32, 1x8192), intra_warps and wy_block_k (key columns per slice) the WY kernel, score_block_k the score
+    kernel's slices, out_block_v the output kernel (benchmark sweeps). Slices of 64 key columns took the WY kernel
+    from 248 to 221 µs and the score kernel from 424 to 297 µs at 1x8192 on the H200 (32 before; 16: 325 / 589
+    µs; WY at 8 warps: slower). The score kernel always runs 4 warps: at 8 (with block_v 64 and out_block_v 128)
+    the H200 check returned NaN outputs where the CPU interpreter (which has no warps) agreed with the
+    reference, so its scratch hand-off between warps is only
     trusted at 4.
     """
     B, T, HQ, K = k.shape
@@ -548,7 +569,8 @@ def prefill_triton(
     op = dict(dtype=plan.out_dtype, device=dev)
     aqk = torch.empty(B * HQ, Tp, CHUNK, **op)
     ainv = torch.empty(B * HQ, Tp, CHUNK, **f32)
-    y, kt = (torch.empty(2 if plan.split else 1, B * HQ, Tp, K, dtype=plan.wy_dtype, device=dev) for _ in range(2))
+    y = torch.empty(2 if plan.y_split else 1, B * HQ, Tp, K, dtype=plan.y_dtype, device=dev)
+    kt = torch.empty(2 if plan.kt_split else 1, B * HQ, Tp, K, dtype=plan.kt_dtype, device=dev)
     qg = torch.empty(B * HQ, Tp, K, **op)
     gc = torch.empty(B * HQ, N, K, **f32)
     u = torch.empty(B * HV, Tp, V, dtype=plan.u_dtype, device=dev)
@@ -560,7 +582,8 @@ def prefill_triton(
     _score_kernel[(N, B * HQ)](q, k, g, b, aqk, ainv, T, Tp, sc, HQ=HQ, K=K, L2NORM=use_qk_l2norm, DOT=plan.score,
                                KS=min(K, score_block_k), num_warps=4)
     _wy_kernel[(N, B * HQ)](q, k, g, b, v, w, ainv, y[0], y[-1], u, qg, kt[0], kt[-1], gc, T, Tp, sc, HQ=HQ, HV=HV,
-                            K=K, V=V, L2NORM=use_qk_l2norm, DOT=plan.wy, SPLIT=plan.split, KC=min(K, wy_block_k),
+                            K=K, V=V, L2NORM=use_qk_l2norm, DOT=plan.wy, SPLIT_Y=plan.y_split,
+                            SPLIT_KT=plan.kt_split, KC=min(K, wy_block_k),
                             num_warps=intra_warps)
     cx = format_constexprs(fmt)
     dummy = pool.codes
@@ -568,7 +591,8 @@ def prefill_triton(
     res = pool.residual if pool.residual is not None else dummy
     _state_kernel[(V // BV, B * HV)](
         y[0], y[-1], u, kt[0], kt[-1], gc, hs, vn, fin, pool.codes, scales, slots, N, HQ=HQ, HV=HV, K=K, V=V, BV=BV,
-        INIT=initial, MODE=cx["MODE"], ROW=cx["ROW"], DOT=plan.state, num_warps=state_warps, num_stages=stages)
+        INIT=initial, MODE=cx["MODE"], ROW=cx["ROW"], READ=plan.read, WRITE=plan.write, num_warps=state_warps,
+        num_stages=stages)
     _output_kernel[(N, V // BVO, B * HV)](aqk, qg, hs, vn, o, T, N, HQ=HQ, HV=HV, K=K, V=V, BV=BVO, DOT=plan.out,
                                           num_warps=4)
     stat = effective_static_scales(fmt, static_scales, HV, K, dev)
