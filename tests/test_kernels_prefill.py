@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gdn2q.kernels import chunk_prefill, new_state_pool
-from gdn2q.kernels.prefill import prefill_triton
+from gdn2q.kernels.prefill import launch_plan, prefill_triton, state_block_v, state_stages
 from gdn2q.quant.state import StateQuantConfig
 from tests.pools import pool_pair
 
@@ -162,12 +162,14 @@ def test_mixed_precision_keeps_the_fp32_state_exact():
     assert (pb.codes - pr.codes)[[3, 1]].abs().max() / pr.codes[[3, 1]].abs().max() > 5 * d
 
 
-@pytest.mark.parametrize("dot", [None, "bf16x3", "bf16"], ids=["default", "bf16x3", "bf16"])
+@pytest.mark.parametrize("dot", [None, "mixed-split", "bf16x3", "bf16"],
+                         ids=["default", "mixed-split", "bf16x3", "bf16"])
 def test_int8_state_distance_from_the_exact_one(dot):
     """The int8 S_T, in steps of its own grid, from the exact fp32 S_T (half a step of rounding plus the product
     error), as tools/gpu_check_kernels.py judges it on the GPU: within 0.9 for the default ("mixed") and the
-    split products, beyond it for plain bf16 (so the measure can fail). Against the quantized reference a code
-    can sit one step plus the product error's shift of the row scale away, so that is not the measure."""
+    plans with more split products, beyond it for plain bf16 (so the measure can fail). Against the quantized
+    reference a code can sit one step plus the product error's shift of the row scale away, so that is not the
+    measure."""
     gen = torch.Generator().manual_seed(4)
     fmt = StateQuantConfig("int8")
     pk, pr = _pools(fmt, gen)
@@ -180,3 +182,20 @@ def test_int8_state_distance_from_the_exact_one(dot):
     assert (ok.float() - ref.float()).abs().max() <= 3e-2 * ref.float().abs().max()
     err = ((pk.dequantize()[sl] - exact.codes) / pk.scales[sl].unsqueeze(-1)).abs().max()
     assert err > 0.9 if dot == "bf16" else err <= 0.9
+
+
+def test_state_block_v_keeps_one_wave_of_programs():
+    """The sequential pass takes the narrowest value block whose programs fit the multiprocessors at once."""
+    assert state_block_v(16, 128, 132) == 16          # 1 sequence x 16 heads: 128 programs
+    assert state_block_v(32, 128, 132) == 32          # 2 sequences: 128 programs at 32 columns
+    assert state_block_v(64, 128, 132) == 64          # 4 sequences: the widest block, 128 programs
+    assert state_block_v(1024, 128, 132) == 64        # more than one wave anyway
+
+
+def test_state_stages_fit_shared_memory():
+    """Three pipeline stages where Y, Ktail and U of three chunks fit in shared memory, else two: fp32 operands
+    at 32 value columns took 245,760 bytes at three stages on an H200 (over the 232,448 there are)."""
+    assert state_stages(launch_plan("mixed"), 128, 16) == 3
+    assert state_stages(launch_plan("mixed"), 128, 64) == 3
+    assert state_stages(launch_plan("tf32"), 128, 32) == 2
+    assert state_stages(launch_plan("bf16x3"), 128, 64) == 2

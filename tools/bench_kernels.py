@@ -153,15 +153,15 @@ def _prefill_inputs(B: int, T: int):
 # variant that faults (the previous kernel's 8-warp sequential launch hit an illegal address under Triton 3.6)
 # costs only its row; the riskiest ones (8 warps in the sequential kernel) come last.
 PREFILL_VARIANTS = (
-    {"block_v": 32, "state_warps": 4, "stages": 2},
-    {"block_v": 16, "state_warps": 4, "stages": 2},
-    {"block_v": 64, "state_warps": 4, "stages": 2},
-    {"block_v": 32, "state_warps": 4, "stages": 3},
-    {"block_v": 32, "state_warps": 4, "stages": 1},
-    {"block_v": 16, "state_warps": 4, "stages": 3},
-    {"block_v": 32, "state_warps": 4, "stages": 2, "intra_warps": 8},
-    {"block_v": 32, "state_warps": 4, "stages": 2, "out_block_v": 128},
-    {"block_v": 16, "state_warps": 4, "stages": 2, "dot_precision": "bf16x3"},    # fp32 intermediates
+    {},
+    {"block_v": 16},
+    {"block_v": 32},
+    {"block_v": 64},
+    {"stages": 2},
+    {"intra_warps": 8},
+    {"out_block_v": 128},
+    {"score_block_k": 64},
+    {"dot_precision": "bf16x3"},    # fp32 intermediates
     {"block_v": 64, "state_warps": 8, "stages": 2},
     {"block_v": 128, "state_warps": 8, "stages": 2},
 )
@@ -222,7 +222,7 @@ def tune_prefill() -> tuple[dict, list[dict]]:
         print(json.dumps(rows[-1]), flush=True)
     good = [r for r in rows if r["us"] is not None and r["o_diff_vs_default"] < 1e-2]
     best = min(good, key=lambda r: r["us"]) if good else dict(PREFILL_VARIANTS[0])
-    keys = ("block_v", "state_warps", "stages", "intra_warps", "out_block_v", "dot_precision")
+    keys = ("block_v", "state_warps", "stages", "intra_warps", "out_block_v", "score_block_k", "dot_precision")
     return {k: best[k] for k in keys if k in best}, rows
 
 

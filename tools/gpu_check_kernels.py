@@ -190,6 +190,8 @@ def run_prefill() -> list[dict]:
     rows.append(_guarded(check_prefill, StateQuantConfig("fp8", rounding="error-feedback"), 2, 1000,
                          torch.bfloat16, "tf32x3"))
     rows.append(_guarded(check_prefill, int8, 3, 777, torch.bfloat16))           # B > 1, partial last chunk
+    # 4 sequences: 64 value columns per program; with split operands only two stages fit in shared memory
+    rows.append(_guarded(check_prefill, int8, 4, 1000, torch.bfloat16, "bf16x3"))
     for launch in ({"block_v": 16, "stages": 3}, {"block_v": 64, "out_block_v": 128, "intra_warps": 8},
                    {"block_v": 64, "state_warps": 8}):
         rows.append(_guarded(check_prefill, int8, 2, 1000, torch.bfloat16, **launch))

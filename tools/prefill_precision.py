@@ -181,8 +181,8 @@ CONFIGS: dict[str, dict[str, str]] = {
     "only read bf16": {"read": "bf16"},
     "only write bf16": {"write": "bf16"},
     "only state products bf16 (fp32 stores)": {"read": "bf16", "write": "bf16"},
-    # around "mixed": the plan before it (tf32 scores, both state products split), and cheaper ones
-    "mixed, score tf32, read split": {**_MIXED, "score": "tf32", "read": "bf16x3", "y": "fp32"},
+    "mixed-split": {**_MIXED, "score": "tf32", "read": "bf16x3", "y": "fp32"},
+    # around "mixed": cheaper ones
     "mixed, wy tf32": {**_MIXED, "wy": "tf32"},
     "mixed, write tf32": {**_MIXED, "write": "tf32"},
     "mixed, wy + write tf32": {**_MIXED, "wy": "tf32", "write": "tf32"},

@@ -35,9 +35,11 @@ def kernels(dot: str) -> list[tuple[str, object, dict, dict, int, int]]:
     op, y, kt, u = t[plan.out_dtype], t[plan.y_dtype], t[plan.kt_dtype], t[plan.u_dtype]
     cx = format_constexprs(StateQuantConfig("int8"))
     ins = {"q_ptr": "*bf16", "k_ptr": "*bf16", "g_ptr": "*fp32", "b_ptr": "*bf16"}
-    score = {**ins, "aqk_ptr": op, "ainv_ptr": "*fp32", "T": "i32", "Tp": "i32", "scale": "fp32"}
-    wyk = {**ins, "v_ptr": "*bf16", "w_ptr": "*bf16", "ainv_ptr": "*fp32", "y_ptr": y, "ylo_ptr": y, "u_ptr": u,
-           "qg_ptr": op, "kt_ptr": kt, "ktlo_ptr": kt, "gc_ptr": "*fp32", "T": "i32", "Tp": "i32", "scale": "fp32"}
+    score = {**ins, "aqk_ptr": op, "ainv_ptr": "*fp32", "norms_ptr": "*fp32", "T": "i32", "Tp": "i32",
+             "scale": "fp32"}
+    wyk = {**ins, "v_ptr": "*bf16", "w_ptr": "*bf16", "ainv_ptr": "*fp32", "norms_ptr": "*fp32", "y_ptr": y,
+           "ylo_ptr": y, "u_ptr": u, "qg_ptr": op, "kt_ptr": kt, "ktlo_ptr": kt, "gc_ptr": "*fp32", "T": "i32",
+           "Tp": "i32"}
     state = {"y_ptr": y, "ylo_ptr": y, "u_ptr": u, "kt_ptr": kt, "ktlo_ptr": kt, "gc_ptr": "*fp32", "hs_ptr": op,
              "vn_ptr": op, "fin_ptr": "*fp32", "codes_ptr": "*i8", "scales_ptr": "*fp32", "slots_ptr": "*i32",
              "N": "i32"}
@@ -47,16 +49,15 @@ def kernels(dot: str) -> list[tuple[str, object, dict, dict, int, int]]:
     heads = {"HQ": H, "HV": H, "K": K, "V": V}
     # the launch options as prefill_triton defaults them, so this report follows any retuning
     d = {n: p.default for n, p in inspect.signature(prefill.prefill_triton).parameters.items()}
+    bv = prefill.state_block_v(H, V, 132)
     return [
         ("score", prefill._score_kernel, score, {"HQ": H, "K": K, "L2NORM": True, "DOT": plan.score,
                                                  "KS": min(K, d["score_block_k"])}, 4, 3),
-        ("wy", prefill._wy_kernel, wyk, {**heads, "L2NORM": True, "DOT": plan.wy, "SPLIT_Y": plan.y_split,
-                                         "SPLIT_KT": plan.kt_split,
+        ("wy", prefill._wy_kernel, wyk, {**heads, "DOT": plan.wy, "SPLIT_Y": plan.y_split, "SPLIT_KT": plan.kt_split,
                                          "KC": min(K, d["wy_block_k"])}, d["intra_warps"], 3),
-        ("state", prefill._state_kernel, state, {**heads, "BV": d["block_v"], "INIT": True, "MODE": cx["MODE"],
-                                                 "ROW": cx["ROW"], "READ": plan.read,
-                                                 "WRITE": plan.write}, d["state_warps"],
-         d["stages"]),
+        ("state", prefill._state_kernel, state, {**heads, "BV": bv, "INIT": True, "MODE": cx["MODE"],
+                                                 "ROW": cx["ROW"], "READ": plan.read, "WRITE": plan.write},
+         d["state_warps"], prefill.state_stages(plan, K, bv)),
         ("output", prefill._output_kernel, out, {**heads, "BV": d["out_block_v"], "DOT": plan.out}, 4, 3),
         ("store", prefill._store_kernel, store, {"HV": H, "K": K, "V": V, "INIT": True, **cx}, 4, 3),
     ]

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from gdn2q.kernels.decode import effective_static_scales, seed_tensor
+from gdn2q.kernels.fp8_gemm import sm_count
 from gdn2q.kernels.state_io import INTERPRETED, format_constexprs, load_codes, store_state
 from gdn2q.quant.state import QuantizedState, StateQuantConfig
 
@@ -195,7 +196,7 @@ def _row(x, r64, row: tl.constexpr):
 
 @triton.jit
 def _score_kernel(
-    q_ptr, k_ptr, g_ptr, b_ptr, aqk_ptr, ainv_ptr, T, Tp, scale,
+    q_ptr, k_ptr, g_ptr, b_ptr, aqk_ptr, ainv_ptr, norms_ptr, T, Tp, scale,
     HQ: tl.constexpr, K: tl.constexpr, L2NORM: tl.constexpr, DOT: tl.constexpr, KS: tl.constexpr,
 ):
     """Aqk and T of one chunk as [64, 64] products over K slices of KS columns, then A = (I + T)^-1.
@@ -205,7 +206,8 @@ def _score_kernel(
     in-block cumulative decays. Off the diagonal both exponents are <= 0; on it the second is at most the block's
     decay (the exact fallback takes blocks that decay by more than SAFE_DECAY). The L2 norms scale rows and
     columns afterwards, so one pass over q, k, g, b does it all with two [64, 64] accumulators live. T goes
-    through the ainv rows as scratch to be cut into the 16x16 blocks of the inverse.
+    through the ainv rows as scratch to be cut into the 16x16 blocks of the inverse. The row norms (1 / |k|,
+    scale / |q|) go to norms_ptr [rows, 2] for the WY kernel, which would otherwise load whole rows again.
     """
     n = tl.program_id(0)
     bq = tl.program_id(1)
@@ -265,6 +267,8 @@ def _score_kernel(
             ar = _dot(tl.where(blk == I, lq, 0.0), right, DOT, ar)
     nk = _inv_norm(ssk, L2NORM)
     nq = _inv_norm(ssq, L2NORM) * scale
+    tl.store(norms_ptr + (row0 + r64).to(tl.int64) * 2, nk)
+    tl.store(norms_ptr + (row0 + r64).to(tl.int64) * 2 + 1, nq)
     off = (row0 + r64).to(tl.int64)[:, None] * 64 + r64[None, :]
     tl.store(aqk_ptr + off, tl.where(r64[:, None] >= r64[None, :], ar * nq[:, None] * nk[None, :], 0.0)
              .to(aqk_ptr.dtype.element_ty))
@@ -314,15 +318,15 @@ def _score_kernel(
 
 @triton.jit
 def _wy_kernel(
-    q_ptr, k_ptr, g_ptr, b_ptr, v_ptr, w_ptr, ainv_ptr, y_ptr, ylo_ptr, u_ptr, qg_ptr, kt_ptr, ktlo_ptr, gc_ptr,
-    T, Tp, scale, HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L2NORM: tl.constexpr,
-    DOT: tl.constexpr, SPLIT_Y: tl.constexpr, SPLIT_KT: tl.constexpr, KC: tl.constexpr,
+    q_ptr, k_ptr, g_ptr, b_ptr, v_ptr, w_ptr, ainv_ptr, norms_ptr, y_ptr, ylo_ptr, u_ptr, qg_ptr, kt_ptr, ktlo_ptr,
+    gc_ptr, T, Tp, HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, DOT: tl.constexpr,
+    SPLIT_Y: tl.constexpr, SPLIT_KT: tl.constexpr, KC: tl.constexpr,
 ):
     """Y = A E, U = A Z, gamma q, Ktail, gamma_C for one chunk of one q/k head (all its value heads' U).
 
-    The row norms need whole rows; everything else is per key column (cumsum included), so it runs in KC-column
-    slices to keep the [64, K] fp32 tiles from spilling. SPLIT_Y / SPLIT_KT store Y / Ktail as bf16 hi + lo
-    pairs, so the sequential kernel feeds them to its split products as loaded.
+    The row norms come from the score kernel; everything else is per key column (cumsum included) or value
+    column, so it runs in KC-column slices to keep the [64, K] fp32 tiles from spilling. SPLIT_Y / SPLIT_KT
+    store Y / Ktail as bf16 hi + lo pairs, so the sequential kernel feeds them to its split products as loaded.
     """
     n = tl.program_id(0)
     bq = tl.program_id(1)
@@ -336,8 +340,8 @@ def _wy_kernel(
         ah, al = _split(a)
     else:
         ah, al = a, a
-    nk = _inv_norm(_sumsq(_rows(k_ptr, bi, hq, c0, T, HQ, K, 64, 0, K)), L2NORM)
-    nq = _inv_norm(_sumsq(_rows(q_ptr, bi, hq, c0, T, HQ, K, 64, 0, K)), L2NORM) * scale
+    nk = tl.load(norms_ptr + rows * 2)
+    nq = tl.load(norms_ptr + rows * 2 + 1)
     for s0 in tl.static_range(0, K, KC):
         oc = s0 + tl.arange(0, KC)
         off = rows[:, None] * K + oc[None, :]
@@ -351,12 +355,15 @@ def _wy_kernel(
         tl.store(gc_ptr + (bq * (Tp // 64) + n).to(tl.int64) * K + oc, tl.exp(glast))
         q = _rows(q_ptr, bi, hq, c0, T, HQ, K, 64, s0, KC) * nq[:, None]
         tl.store(qg_ptr + off, (q * gam).to(qg_ptr.dtype.element_ty))
-    ov = tl.arange(0, V)
+    VC: tl.constexpr = KC if KC < V else V
     for j in range(HV // HQ):                              # GVA: value heads hq*G .. hq*G+G-1 share A
         hv = hq * (HV // HQ) + j
-        z = _rows(v_ptr, bi, hv, c0, T, HV, V, 64, 0, V) * _rows(w_ptr, bi, hv, c0, T, HV, V, 64, 0, V)
         vrows = ((bi * HV + hv) * Tp + c0 + r64).to(tl.int64)
-        tl.store(u_ptr + vrows[:, None] * V + ov[None, :], _dot_a(a, ah, al, z, DOT).to(u_ptr.dtype.element_ty))
+        for s0 in tl.static_range(0, V, VC):
+            z = _rows(v_ptr, bi, hv, c0, T, HV, V, 64, s0, VC) * _rows(w_ptr, bi, hv, c0, T, HV, V, 64, s0, VC)
+            ov = s0 + tl.arange(0, VC)
+            u = _dot_a(a, ah, al, z, DOT)
+            tl.store(u_ptr + vrows[:, None] * V + ov[None, :], u.to(u_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -505,6 +512,7 @@ def _operand_dtype(prec: str) -> torch.dtype:
 _PLANS = {
     "bf16": LaunchPlan("tf32", "tf32", "bf16", "bf16", "bf16"),
     "mixed": LaunchPlan("bf16", "bf16x3", "bf16", "bf16x3", "bf16"),
+    "mixed-split": LaunchPlan("tf32", "bf16x3", "bf16x3", "bf16x3", "bf16"),
     "bf16x3": LaunchPlan("tf32x3", "tf32x3", "bf16x3", "bf16x3", "bf16x3"),
     **{p: LaunchPlan(p, p, p, p, p) for p in ("tf32", "tf32x3", "ieee")},
 }
@@ -523,13 +531,46 @@ def launch_plan(dot: str) -> LaunchPlan:
     return _PLANS[dot]
 
 
+def state_block_v(heads: int, V: int, sms: int) -> int:
+    """Value columns per program of the sequential pass for ``heads`` (sequence, value head) pairs.
+
+    The pass is a chain of small products per chunk, latency-bound: narrow blocks shorten each link, but a
+    program takes a whole multiprocessor's shared memory at 3 stages, so programs past the SM count run in
+    another wave. H200, 16 heads: 1x8192 at 16 columns (128 programs) 221 µs, at 32 260 µs; 4x8192 at 16
+    columns (512 programs) 860 µs, at 32 559 µs, at 64 (128 programs) 416 µs.
+    """
+    for bv in (16, 32):
+        if heads * triton.cdiv(V, bv) <= sms:
+            return bv
+    return 64
+
+
+SHARED_BYTES = 232448         # shared memory per block on sm_90 (227 KiB)
+STATE_SCRATCH_BYTES = 32768   # the sequential pass's shared memory besides its pipeline stages (24 KiB measured)
+
+
+def state_stages(plan: LaunchPlan, K: int, BV: int) -> int:
+    """Pipeline stages of the sequential pass: 3 where they fit in shared memory, else 2.
+
+    Each stage holds one chunk's Y, Ktail (hi + lo pairs when split) and U block. At 1x8192 three stages took
+    the pass from 281 to 221 µs (4: 223); fp32 operands at 32 value columns need 245,760 bytes at three.
+    """
+    def size(dtype: torch.dtype, split: bool) -> int:
+        return dtype.itemsize * (2 if split else 1)
+
+    stage = CHUNK * K * (size(plan.y_dtype, plan.y_split) + size(plan.kt_dtype, plan.kt_split))
+    stage += CHUNK * BV * plan.u_dtype.itemsize
+    return 3 if 3 * stage + STATE_SCRATCH_BYTES <= SHARED_BYTES else 2
+
+
 def prefill_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     pool: QuantizedState, slots: torch.Tensor, fmt: StateQuantConfig, *, initial: bool = True,
     scale: float | None = None, use_qk_l2norm: bool = True, static_scales: torch.Tensor | None = None,
     seed: int | torch.Tensor | None = None, out: torch.Tensor | None = None, dot_precision: str | None = None,
-    block_v: int = 16, state_warps: int = 4, stages: int = 3, intra_warps: int = 4, out_block_v: int = 64,
-    wy_block_k: int = 64, score_block_k: int = 64,
+    block_v: int | None = None, state_warps: int = 4, stages: int | None = None, intra_warps: int = 4,
+    out_block_v: int = 64,
+    wy_block_k: int = 64, score_block_k: int = 128,
 ) -> torch.Tensor:
     """Launch the prefill kernels. q, k, g, b: [B, T, HQ, K]; v, w: [B, T, HV, V]; returns o.
 
@@ -540,19 +581,23 @@ def prefill_triton(
       Ktail^T R (Ktail stored as hi + lo, U fp32, R kept fp32). tools/prefill_precision.py's float64 emulation
       says which products carry the error. H200, 1x8192 (tools/gpu_check_kernels.py): the int8 S_T 0.54 steps
       from the exact state (0.51 with every state product split, 1.17 for "bf16").
+    - "mixed-split": "mixed" with tf32 scores and the erase read split too (the default before it; H200 1x8192:
+      0.51 steps, 912 µs with the launch of that time against 704 µs for "mixed"). Its fp32 S_T stays closer to
+      exact where decays are slow (float64 emulation, 1x8192, channels remembering ~1000 tokens: 1.6e-4
+      relative against 9.9e-4 for "mixed", at the 1e-3 limit of an fp32 state).
     - "bf16": fla's choice, bf16 operands and intermediates everywhere after the score/WY kernels (tf32): the
       rounding of Ktail, U, R and the update product puts the int8 S_T 1.17 steps from the exact state.
     - "bf16x3": split products everywhere (tf32x3 in the score/WY kernels) and fp32 intermediates (Y and Ktail
       as hi + lo pairs); "tf32x3" kept the fp32 state within ~1e-6 of the reference (H200), the default for
       fp32 inputs; "tf32" drifted ~2e-3 over 1000 tokens; "ieee" is fp32 FMA.
-    block_v / state_warps / stages shape the sequential kernel (16 value columns per program: 281 against 305 µs
-    at 32, 1x8192), intra_warps and wy_block_k (key columns per slice) the WY kernel, score_block_k the score
-    kernel's slices, out_block_v the output kernel (benchmark sweeps). Slices of 64 key columns took the WY kernel
-    from 248 to 221 µs and the score kernel from 424 to 297 µs at 1x8192 on the H200 (32 before; 16: 325 / 589
-    µs; WY at 8 warps: slower). The score kernel always runs 4 warps: at 8 (with block_v 64 and out_block_v 128)
-    the H200 check returned NaN outputs where the CPU interpreter (which has no warps) agreed with the
-    reference, so its scratch hand-off between warps is only
-    trusted at 4.
+    block_v / state_warps / stages shape the sequential kernel (by default block_v from :func:`state_block_v`,
+    the narrowest value block that keeps one wave of programs, and stages from :func:`state_stages`),
+    intra_warps and wy_block_k (key columns per slice) the WY kernel, score_block_k the score kernel's slices,
+    out_block_v the output kernel (benchmark sweeps). H200, 1x8192: WY slices of 64 key columns 196 µs (32: 211,
+    128: 239), score slices of 128 230 µs (64: 236; with the earlier tf32 products 32: 424, 16: 589). The score
+    kernel always runs 4 warps: at 8 (with block_v 64 and out_block_v 128) the H200 check returned NaN outputs
+    where the CPU interpreter (which has no warps) agreed with the reference, so its scratch hand-off between
+    warps is only trusted at 4.
     """
     B, T, HQ, K = k.shape
     HV, V = v.shape[2], v.shape[3]
@@ -563,7 +608,7 @@ def prefill_triton(
     q, k, v, g, b, w = (t.contiguous() for t in (q, k, v, g, b, w))
     N = triton.cdiv(T, CHUNK)
     Tp = N * CHUNK
-    BV, BVO = min(block_v, V), min(out_block_v, V)
+    BV, BVO = min(block_v or state_block_v(B * HV, V, sm_count(q.device)), V), min(out_block_v, V)
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
     op = dict(dtype=plan.out_dtype, device=dev)
@@ -579,12 +624,12 @@ def prefill_triton(
     o = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev) if out is None else out
     fin = torch.empty(B * HV, K, V, **f32)
     sc = float(K ** -0.5 if scale is None else scale)
-    _score_kernel[(N, B * HQ)](q, k, g, b, aqk, ainv, T, Tp, sc, HQ=HQ, K=K, L2NORM=use_qk_l2norm, DOT=plan.score,
-                               KS=min(K, score_block_k), num_warps=4)
-    _wy_kernel[(N, B * HQ)](q, k, g, b, v, w, ainv, y[0], y[-1], u, qg, kt[0], kt[-1], gc, T, Tp, sc, HQ=HQ, HV=HV,
-                            K=K, V=V, L2NORM=use_qk_l2norm, DOT=plan.wy, SPLIT_Y=plan.y_split,
-                            SPLIT_KT=plan.kt_split, KC=min(K, wy_block_k),
-                            num_warps=intra_warps)
+    norms = torch.empty(B * HQ, Tp, 2, **f32)
+    _score_kernel[(N, B * HQ)](q, k, g, b, aqk, ainv, norms, T, Tp, sc, HQ=HQ, K=K, L2NORM=use_qk_l2norm,
+                               DOT=plan.score, KS=min(K, score_block_k), num_warps=4)
+    _wy_kernel[(N, B * HQ)](q, k, g, b, v, w, ainv, norms, y[0], y[-1], u, qg, kt[0], kt[-1], gc, T, Tp, HQ=HQ,
+                            HV=HV, K=K, V=V, DOT=plan.wy, SPLIT_Y=plan.y_split, SPLIT_KT=plan.kt_split,
+                            KC=min(K, wy_block_k), num_warps=intra_warps)
     cx = format_constexprs(fmt)
     dummy = pool.codes
     scales = pool.scales if pool.scales is not None else dummy
@@ -592,7 +637,7 @@ def prefill_triton(
     _state_kernel[(V // BV, B * HV)](
         y[0], y[-1], u, kt[0], kt[-1], gc, hs, vn, fin, pool.codes, scales, slots, N, HQ=HQ, HV=HV, K=K, V=V, BV=BV,
         INIT=initial, MODE=cx["MODE"], ROW=cx["ROW"], READ=plan.read, WRITE=plan.write, num_warps=state_warps,
-        num_stages=stages)
+        num_stages=stages or state_stages(plan, K, BV))
     _output_kernel[(N, V // BVO, B * HV)](aqk, qg, hs, vn, o, T, N, HQ=HQ, HV=HV, K=K, V=V, BV=BVO, DOT=plan.out,
                                           num_warps=4)
     stat = effective_static_scales(fmt, static_scales, HV, K, dev)
