@@ -193,9 +193,11 @@ def test_state_block_v_keeps_one_wave_of_programs():
 
 
 def test_state_stages_fit_shared_memory():
-    """Three pipeline stages where Y, Ktail and U of three chunks fit in shared memory, else two: fp32 operands
-    at 32 value columns took 245,760 bytes at three stages on an H200 (over the 232,448 there are)."""
+    """Three pipeline stages where Y, Ktail and U of three chunks fit in shared memory, else two, else one: fp32
+    operands at 32 value columns took 245,760 bytes at three stages on an H200 (over the 232,448 there are)."""
     assert state_stages(launch_plan("mixed"), 128, 16) == 3
     assert state_stages(launch_plan("mixed"), 128, 64) == 3
     assert state_stages(launch_plan("tf32"), 128, 32) == 2
     assert state_stages(launch_plan("bf16x3"), 128, 64) == 2
+    assert state_stages(launch_plan("mixed"), 256, 64) == 1         # head dim 256: not even two stages
+    assert state_stages(launch_plan("tf32"), 128, 128) == 1         # 262,144 bytes at two stages

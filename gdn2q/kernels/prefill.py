@@ -546,21 +546,24 @@ def state_block_v(heads: int, V: int, sms: int) -> int:
 
 
 SHARED_BYTES = 232448         # shared memory per block on sm_90 (227 KiB)
-STATE_SCRATCH_BYTES = 32768   # the sequential pass's shared memory besides its pipeline stages (24 KiB measured)
 
 
 def state_stages(plan: LaunchPlan, K: int, BV: int) -> int:
-    """Pipeline stages of the sequential pass: 3 where they fit in shared memory, else 2.
+    """Pipeline stages of the sequential pass: the most, up to 3, that fit in shared memory (at least 1).
 
-    Each stage holds one chunk's Y, Ktail (hi + lo pairs when split) and U block. At 1x8192 three stages took
-    the pass from 281 to 221 µs (4: 223); fp32 operands at 32 value columns need 245,760 bytes at three.
+    Each stage holds one chunk's Y, Ktail (hi + lo pairs when split) and U block. The rest is layout-conversion
+    scratch, bounded here by 32 KiB or an fp32 [K, BV] tile, whichever is larger. With the stages this picks,
+    sm_90 compiles of every plan at K = V = 128 and 256 and BV = 16-128 fit, except "tf32x3" at K = 256 with
+    BV = 128 (262,144 bytes even at one stage). At 1x8192 three stages took the pass from 281 to 221 µs (4:
+    223); fp32 operands at 32 value columns need 245,760 bytes at three.
     """
     def size(dtype: torch.dtype, split: bool) -> int:
         return dtype.itemsize * (2 if split else 1)
 
     stage = CHUNK * K * (size(plan.y_dtype, plan.y_split) + size(plan.kt_dtype, plan.kt_split))
     stage += CHUNK * BV * plan.u_dtype.itemsize
-    return 3 if 3 * stage + STATE_SCRATCH_BYTES <= SHARED_BYTES else 2
+    scratch = max(32768, 4 * K * BV)
+    return next((n for n in (3, 2) if n * stage + scratch <= SHARED_BYTES), 1)
 
 
 def prefill_triton(
