@@ -2,8 +2,10 @@
 
 Uses tools/sass_report.py (Triton's bundled ptxas/nvdisasm; no device time), with the arguments
 gdn2q.kernels.prefill.prefill_triton passes at H=16, K=V=128, bf16 inputs, an int8 row-scaled pool and its
-default launch options. ``HGMMA`` counts tensor-core instructions, ``STL``/``LDL`` local-memory spill traffic.
-Usage: python tools/prefill_sass.py [--dot bf16 mixed ...]
+default launch options for ``--sequences`` sequences (the sequential pass's value block and stages depend on it).
+``SHARED`` is the shared memory a launch asks for (227 KiB per block on sm_90), ``HGMMA`` counts tensor-core
+instructions, ``STL``/``LDL`` local-memory spill traffic.
+Usage: python tools/prefill_sass.py [--dot bf16 mixed ...] [--sequences 1]
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ H, K, V = 16, 128, 128
 SHOWN = ("HGMMA", "HMMA", "STL", "LDL", "LDG", "STG", "LDS", "STS", "FFMA", "MUFU", "BAR")
 
 
-def kernels(dot: str) -> list[tuple[str, object, dict, dict, int, int]]:
+def kernels(dot: str, sequences: int = 1) -> list[tuple[str, object, dict, dict, int, int]]:
     """(name, kernel, signature, constexprs, warps, stages) of each launch of prefill_triton for ``dot``."""
     plan = prefill.launch_plan(dot)
     t = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}
@@ -49,7 +51,7 @@ def kernels(dot: str) -> list[tuple[str, object, dict, dict, int, int]]:
     heads = {"HQ": H, "HV": H, "K": K, "V": V}
     # the launch options as prefill_triton defaults them, so this report follows any retuning
     d = {n: p.default for n, p in inspect.signature(prefill.prefill_triton).parameters.items()}
-    bv = prefill.state_block_v(H, V, 132)
+    bv = prefill.state_block_v(sequences * H, V, 132)
     return [
         ("score", prefill._score_kernel, score, {"HQ": H, "K": K, "L2NORM": True, "DOT": plan.score,
                                                  "KS": min(K, d["score_block_k"])}, 4, 3),
@@ -66,13 +68,16 @@ def kernels(dot: str) -> list[tuple[str, object, dict, dict, int, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dot", nargs="*", default=["bf16", "mixed"], choices=prefill.DOT_PRECISIONS)
+    ap.add_argument("--sequences", type=int, default=1, help="batch size B of the launch (H=16 heads each)")
     a = ap.parse_args()
     print("| dot | kernel | REG | STACK | SHARED | instructions | " + " | ".join(SHOWN) + " |")
     print("|---" * (6 + len(SHOWN)) + "|")
     for dot in a.dot:
-        for name, fn, sig, const, warps, stages in kernels(dot):
-            usage, ops, _ = report(compile_sm90(fn, sig, const, warps, stages))
-            cells = [str(usage.get(x, 0)) for x in ("REG", "STACK", "SHARED")] + [str(sum(ops.values()))]
+        for name, fn, sig, const, warps, stages in kernels(dot, a.sequences):
+            compiled = compile_sm90(fn, sig, const, warps, stages)
+            usage, ops, _ = report(compiled)
+            cells = [str(usage.get(x, 0)) for x in ("REG", "STACK")] + [str(compiled.metadata.shared),
+                                                                        str(sum(ops.values()))]
             print(f"| {dot} | {name} | " + " | ".join(cells + [str(ops.get(x, 0)) for x in SHOWN]) + " |",
                   flush=True)
 

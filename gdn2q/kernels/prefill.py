@@ -554,8 +554,9 @@ def state_stages(plan: LaunchPlan, K: int, BV: int) -> int:
     Each stage holds one chunk's Y, Ktail (hi + lo pairs when split) and U block. The rest is layout-conversion
     scratch, bounded here by 32 KiB or an fp32 [K, BV] tile, whichever is larger. With the stages this picks,
     sm_90 compiles of every plan at K = V = 128 and 256 and BV = 16-128 fit, except "tf32x3" at K = 256 with
-    BV = 128 (262,144 bytes even at one stage). At 1x8192 three stages took the pass from 281 to 221 µs (4:
-    223); fp32 operands at 32 value columns need 245,760 bytes at three.
+    BV = 128 (262,144 bytes even at one stage; tools/prefill_sass.py prints what a launch asks for). At 1x8192
+    three stages took the pass from 281 to 221 µs (4: 223); fp32 operands at 32 value columns need 245,760
+    bytes at three.
     """
     def size(dtype: torch.dtype, split: bool) -> int:
         return dtype.itemsize * (2 if split else 1)
