@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -110,8 +109,7 @@ def _verify(lm, folder: Path, prompt: str, steps: int, atol: float | None, min_t
 def generate_onnx(folder: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
                   seed: int, json_out: bool) -> None:
     """`gdn2q generate --onnx DIR`: the same output as the PyTorch path, computed by onnxruntime."""
-    from rich.progress import BarColumn, MofNCompleteColumn
-
+    from gdn2q.cli.generate import run_generation
     from gdn2q.export.runner import OnnxGDN2Runner, sample
 
     runner = OnnxGDN2Runner(folder)
@@ -119,26 +117,15 @@ def generate_onnx(folder: Path, prompt: str, max_new_tokens: int, temperature: f
     if not ids:
         raise DataError("--prompt encodes to no tokens; give some text")
     rng = np.random.default_rng(seed)
-    out: list[int] = []
-    t0 = time.perf_counter()
-    with Progress(TextColumn("generating (onnxruntime)"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=json_out) as bar:
-        task = bar.add_task("gen", total=max_new_tokens)
+    state = None
+
+    def prefill():
+        nonlocal state
         logits, state = runner.prefill(np.array([ids]))
-        t_prefill = time.perf_counter() - t0
-        for _ in range(max_new_tokens):
-            nxt = sample(logits[0], temperature, top_k, rng)
-            out.append(nxt)
-            bar.advance(task)
-            logits = runner.step(np.array([nxt]), state)
-    dt = time.perf_counter() - t0 - t_prefill
-    text = runner.tokenizer.decode(out)
-    result = {"prompt": prompt, "completion": text, "prompt_tokens": len(ids), "new_tokens": len(out),
-              "token_ids": out, "decode_tokens_per_s": len(out) / dt if dt > 0 else None, "onnx": str(folder),
-              "weights": runner.spec.weights, "state": runner.spec.state}
-    if json_out:
-        print_json(result)
-        return
-    console.print(f"[bold]{prompt}[/]{text}", highlight=False)
-    console.print(f"[dim]{len(ids)} prompt tokens, {len(out)} new tokens, {result['decode_tokens_per_s']:.1f} "
-                  f"tokens/s decode (onnxruntime, weights {runner.spec.weights}, state {runner.spec.state})[/]")
+        return logits
+
+    run_generation(prompt, ids, prefill=prefill, pick=lambda logits: sample(logits[0], temperature, top_k, rng),
+                   step=lambda nxt: runner.step(np.array([nxt]), state), decode=runner.tokenizer.decode,
+                   max_new_tokens=max_new_tokens, json_out=json_out, label="generating (onnxruntime)",
+                   how=f"onnxruntime, weights {runner.spec.weights}, state {runner.spec.state}",
+                   extra={"onnx": str(folder), "weights": runner.spec.weights, "state": runner.spec.state})

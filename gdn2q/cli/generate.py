@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -62,27 +63,38 @@ def generate(
         raise DataError("--prompt encodes to no tokens; give some text")
     gen = torch.Generator(device=device).manual_seed(seed)
     state = lm.new_state(1)
+    with torch.no_grad():
+        run_generation(prompt, ids, prefill=lambda: lm(torch.tensor([ids], device=device), state)[:, -1],
+                       pick=lambda logits: int(sample_next(logits, temperature, top_k, gen)),
+                       step=lambda nxt: lm(torch.tensor([[nxt]], device=device), state)[:, -1],
+                       decode=lambda out: tok.decode(out), max_new_tokens=max_new_tokens, json_out=json_out,
+                       label="generating", how=f"{device}, {dtype}")
+
+
+def run_generation(prompt: str, ids: list[int], *, prefill: Callable[[], Any], pick: Callable[[Any], int],
+                   step: Callable[[int], Any], decode: Callable[[list[int]], str], max_new_tokens: int,
+                   json_out: bool, label: str, how: str, extra: dict | None = None) -> None:
+    """The loop and report of `gdn2q generate`, shared by the PyTorch and onnxruntime paths: ``prefill()`` the
+    prompt once, then ``pick`` a token from the logits and ``step`` it through the state, under a progress
+    bar; print the text and the decode speed (``how`` ran it), or the result as JSON (``extra`` added)."""
     out: list[int] = []
     t0 = time.perf_counter()
-    with torch.no_grad(), Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
-                                   TimeElapsedColumn(), console=console, transient=True,
-                                   disable=json_out) as bar:
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                  transient=True, disable=json_out) as bar:
         task = bar.add_task("gen", total=max_new_tokens)
-        logits = lm(torch.tensor([ids], device=device), state)[:, -1]
+        logits = prefill()
         t_prefill = time.perf_counter() - t0
         for _ in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, gen)
-            out.append(int(nxt))
+            out.append(pick(logits))
             bar.advance(task)
-            logits = lm(nxt, state)[:, -1]
+            logits = step(out[-1])
     dt = time.perf_counter() - t0 - t_prefill
-    text = tok.decode(out)
+    text = decode(out)
     result = {"prompt": prompt, "completion": text, "prompt_tokens": len(ids), "new_tokens": len(out),
-              "token_ids": out, "decode_tokens_per_s": len(out) / dt if dt > 0 else None}
+              "token_ids": out, "decode_tokens_per_s": len(out) / dt if dt > 0 else None, **(extra or {})}
     if json_out:
         print_json(result)
         return
     console.print(f"[bold]{prompt}[/]{text}", highlight=False)
     console.print(f"[dim]{len(ids)} prompt tokens, {len(out)} new tokens, "
-                  f"{result['decode_tokens_per_s']:.1f} tokens/s decode ({device}, {dtype})[/]")
-
+                  f"{result['decode_tokens_per_s']:.1f} tokens/s decode ({how})[/]")
