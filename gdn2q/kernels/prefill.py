@@ -504,6 +504,15 @@ class LaunchPlan(NamedTuple):
     def kt_split(self) -> bool:
         return self.write == "bf16x3"
 
+    @property
+    def y_planes(self) -> int:
+        """Stored planes of Y: hi and lo when split, else one."""
+        return 2 if self.y_split else 1
+
+    @property
+    def kt_planes(self) -> int:
+        return 2 if self.kt_split else 1
+
 
 def _operand_dtype(prec: str) -> torch.dtype:
     return torch.bfloat16 if prec in ("bf16", "bf16x3") else torch.float32
@@ -558,10 +567,7 @@ def state_stages(plan: LaunchPlan, K: int, BV: int) -> int:
     three stages took the pass from 281 to 221 µs (4: 223); fp32 operands at 32 value columns need 245,760
     bytes at three.
     """
-    def size(dtype: torch.dtype, split: bool) -> int:
-        return dtype.itemsize * (2 if split else 1)
-
-    stage = CHUNK * K * (size(plan.y_dtype, plan.y_split) + size(plan.kt_dtype, plan.kt_split))
+    stage = CHUNK * K * (plan.y_dtype.itemsize * plan.y_planes + plan.kt_dtype.itemsize * plan.kt_planes)
     stage += CHUNK * BV * plan.u_dtype.itemsize
     scratch = max(32768, 4 * K * BV)
     return next((n for n in (3, 2) if n * stage + scratch <= SHARED_BYTES), 1)
@@ -618,8 +624,8 @@ def prefill_triton(
     op = dict(dtype=plan.out_dtype, device=dev)
     aqk = torch.empty(B * HQ, Tp, CHUNK, **op)
     ainv = torch.empty(B * HQ, Tp, CHUNK, **f32)
-    y = torch.empty(2 if plan.y_split else 1, B * HQ, Tp, K, dtype=plan.y_dtype, device=dev)
-    kt = torch.empty(2 if plan.kt_split else 1, B * HQ, Tp, K, dtype=plan.kt_dtype, device=dev)
+    y = torch.empty(plan.y_planes, B * HQ, Tp, K, dtype=plan.y_dtype, device=dev)
+    kt = torch.empty(plan.kt_planes, B * HQ, Tp, K, dtype=plan.kt_dtype, device=dev)
     qg = torch.empty(B * HQ, Tp, K, **op)
     gc = torch.empty(B * HQ, N, K, **f32)
     u = torch.empty(B * HV, Tp, V, dtype=plan.u_dtype, device=dev)
