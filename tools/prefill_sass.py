@@ -37,15 +37,16 @@ def kernels(dot: str, sequences: int = 1) -> list[tuple[str, object, dict, dict,
     op, y, kt, u = t[plan.out_dtype], t[plan.y_dtype], t[plan.kt_dtype], t[plan.u_dtype]
     cx = format_constexprs(StateQuantConfig("int8"))
     ins = {"q_ptr": "*bf16", "k_ptr": "*bf16", "g_ptr": "*fp32", "b_ptr": "*bf16"}
-    score = {**ins, "aqk_ptr": op, "ainv_ptr": "*fp32", "norms_ptr": "*fp32", "T": "i32", "Tp": "i32",
+    score = {**ins, "aqk_ptr": op, "ainv_ptr": "*fp32", "norms_ptr": "*fp32", "qg_ptr": op, "T": "i32", "Tp": "i32",
              "scale": "fp32"}
-    wyk = {**ins, "v_ptr": "*bf16", "w_ptr": "*bf16", "ainv_ptr": "*fp32", "norms_ptr": "*fp32", "y_ptr": y,
-           "ylo_ptr": y, "u_ptr": u, "qg_ptr": op, "kt_ptr": kt, "ktlo_ptr": kt, "gc_ptr": "*fp32", "T": "i32",
-           "Tp": "i32"}
+    wyk = {"k_ptr": "*bf16", "g_ptr": "*fp32", "b_ptr": "*bf16", "v_ptr": "*bf16", "w_ptr": "*bf16",
+           "ainv_ptr": "*fp32", "norms_ptr": "*fp32", "y_ptr": y, "ylo_ptr": y, "u_ptr": u, "kt_ptr": kt,
+           "ktlo_ptr": kt, "gc_ptr": "*fp32", "T": "i32", "Tp": "i32"}
     state = {"y_ptr": y, "ylo_ptr": y, "u_ptr": u, "kt_ptr": kt, "ktlo_ptr": kt, "gc_ptr": "*fp32", "hs_ptr": op,
              "vn_ptr": op, "fin_ptr": "*fp32", "codes_ptr": "*i8", "scales_ptr": "*fp32", "slots_ptr": "*i32",
              "N": "i32"}
-    out = {"aqk_ptr": op, "qg_ptr": op, "hs_ptr": op, "vn_ptr": op, "o_ptr": "*bf16", "T": "i32", "N": "i32"}
+    out = {"aqk_ptr": op, "qg_ptr": op, "norms_ptr": "*fp32", "hs_ptr": op, "vn_ptr": op, "o_ptr": "*bf16",
+           "T": "i32", "N": "i32"}
     store = {"fin_ptr": "*fp32", "codes_ptr": "*i8", "scales_ptr": "*fp32", "res_ptr": "*i8",
              "static_ptr": "*fp32", "slots_ptr": "*i32", "seed_ptr": "*i64"}
     heads = {"HQ": H, "HV": H, "K": K, "V": V}

@@ -196,7 +196,7 @@ def _row(x, r64, row: tl.constexpr):
 
 @triton.jit
 def _score_kernel(
-    q_ptr, k_ptr, g_ptr, b_ptr, aqk_ptr, ainv_ptr, norms_ptr, T, Tp, scale,
+    q_ptr, k_ptr, g_ptr, b_ptr, aqk_ptr, ainv_ptr, norms_ptr, qg_ptr, T, Tp, scale,
     HQ: tl.constexpr, K: tl.constexpr, L2NORM: tl.constexpr, DOT: tl.constexpr, KS: tl.constexpr,
 ):
     """Aqk and T of one chunk as [64, 64] products over K slices of KS columns, then A = (I + T)^-1.
@@ -207,7 +207,8 @@ def _score_kernel(
     decay (the exact fallback takes blocks that decay by more than SAFE_DECAY). The L2 norms scale rows and
     columns afterwards, so one pass over q, k, g, b does it all with two [64, 64] accumulators live. T goes
     through the ainv rows as scratch to be cut into the 16x16 blocks of the inverse. The row norms (1 / |k|,
-    scale / |q|) go to norms_ptr [rows, 2] for the WY kernel, which would otherwise load whole rows again.
+    scale / |q|) go to norms_ptr [rows, 2] for the WY and output kernels, which would otherwise load whole rows
+    again; the decayed queries gamma q go to qg_ptr before their norm (the output kernel scales its rows).
     """
     n = tl.program_id(0)
     bq = tl.program_id(1)
@@ -244,6 +245,11 @@ def _score_kernel(
         d3 = tl.maximum(d3, tl.max(-b3, axis=0))
         el = tl.exp(gl)
         lq = q * el
+        # gamma q = q exp(G), G the chunk-level cumsum: the in-block one plus the decays of the blocks before
+        off = tl.where(blk == 0, 0.0, tl.where(blk == 1, b0[None, :], tl.where(blk == 2, (b0 + b1)[None, :],
+                                                                                (b0 + b1 + b2)[None, :])))
+        qrow = (row0 + r64).to(tl.int64)[:, None] * K + s0 + tl.arange(0, KS)[None, :]
+        tl.store(qg_ptr + qrow, (lq * tl.exp(off)).to(qg_ptr.dtype.element_ty))
         lb = _rows(b_ptr, bi, hq, c0, T, HQ, K, 64, s0, KS) * k * el
         bsr = tl.where(blk == 0, b0[None, :], tl.where(blk == 1, b1[None, :], tl.where(blk == 2, b2[None, :],
                                                                                      b3[None, :])))
@@ -318,11 +324,11 @@ def _score_kernel(
 
 @triton.jit
 def _wy_kernel(
-    q_ptr, k_ptr, g_ptr, b_ptr, v_ptr, w_ptr, ainv_ptr, norms_ptr, y_ptr, ylo_ptr, u_ptr, qg_ptr, kt_ptr, ktlo_ptr,
-    gc_ptr, T, Tp, HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, DOT: tl.constexpr,
-    SPLIT_Y: tl.constexpr, SPLIT_KT: tl.constexpr, KC: tl.constexpr,
+    k_ptr, g_ptr, b_ptr, v_ptr, w_ptr, ainv_ptr, norms_ptr, y_ptr, ylo_ptr, u_ptr, kt_ptr, ktlo_ptr, gc_ptr, T, Tp,
+    HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, DOT: tl.constexpr, SPLIT_Y: tl.constexpr,
+    SPLIT_KT: tl.constexpr, KC: tl.constexpr,
 ):
-    """Y = A E, U = A Z, gamma q, Ktail, gamma_C for one chunk of one q/k head (all its value heads' U).
+    """Y = A E, U = A Z, Ktail, gamma_C for one chunk of one q/k head (all its value heads' U).
 
     The row norms come from the score kernel; everything else is per key column (cumsum included) or value
     column, so it runs in KC-column slices to keep the [64, K] fp32 tiles from spilling. SPLIT_Y / SPLIT_KT
@@ -341,7 +347,6 @@ def _wy_kernel(
     else:
         ah, al = a, a
     nk = tl.load(norms_ptr + rows * 2)
-    nq = tl.load(norms_ptr + rows * 2 + 1)
     for s0 in tl.static_range(0, K, KC):
         oc = s0 + tl.arange(0, KC)
         off = rows[:, None] * K + oc[None, :]
@@ -353,8 +358,6 @@ def _wy_kernel(
         glast = tl.sum(tl.where((r64 == 63)[:, None], G, 0.0), axis=0)
         _store_op(kt_ptr, ktlo_ptr, off, k * tl.exp(glast[None, :] - G), SPLIT_KT)
         tl.store(gc_ptr + (bq * (Tp // 64) + n).to(tl.int64) * K + oc, tl.exp(glast))
-        q = _rows(q_ptr, bi, hq, c0, T, HQ, K, 64, s0, KC) * nq[:, None]
-        tl.store(qg_ptr + off, (q * gam).to(qg_ptr.dtype.element_ty))
     VC: tl.constexpr = KC if KC < V else V
     for j in range(HV // HQ):                              # GVA: value heads hq*G .. hq*G+G-1 share A
         hv = hq * (HV // HQ) + j
@@ -416,7 +419,7 @@ def _state_kernel(
 
 @triton.jit
 def _output_kernel(
-    aqk_ptr, qg_ptr, hs_ptr, vn_ptr, o_ptr, T, N,
+    aqk_ptr, qg_ptr, norms_ptr, hs_ptr, vn_ptr, o_ptr, T, N,
     HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr,
 ):
     """O = (gamma q) S_chunk + Aqk R for one chunk and V block: independent of every other chunk."""
@@ -433,7 +436,8 @@ def _output_kernel(
     h = tl.load(hs_ptr + (bh * N + n).to(tl.int64) * (K * V) + ok[:, None] * V + ov[None, :])
     a = tl.load(aqk_ptr + qrows[:, None] * 64 + r64[None, :])
     r = tl.load(vn_ptr + vrows[:, None] * V + ov[None, :])
-    o = _dot(a, r, DOT, _dot(qg, h, DOT))
+    nq = tl.load(norms_ptr + qrows * 2 + 1)                # gamma q comes unnormalised (score kernel)
+    o = _dot(a, r, DOT, _dot(qg, h, DOT) * nq[:, None])
     t = n * 64 + r64
     o_off = ((bi * T + t) * HV + hv).to(tl.int64)[:, None] * V + ov[None, :]
     tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=(t < T)[:, None])
@@ -635,9 +639,9 @@ def prefill_triton(
     fin = torch.empty(B * HV, K, V, **f32)
     sc = float(K ** -0.5 if scale is None else scale)
     norms = torch.empty(B * HQ, Tp, 2, **f32)
-    _score_kernel[(N, B * HQ)](q, k, g, b, aqk, ainv, norms, T, Tp, sc, HQ=HQ, K=K, L2NORM=use_qk_l2norm,
+    _score_kernel[(N, B * HQ)](q, k, g, b, aqk, ainv, norms, qg, T, Tp, sc, HQ=HQ, K=K, L2NORM=use_qk_l2norm,
                                DOT=plan.score, KS=min(K, score_block_k), num_warps=4)
-    _wy_kernel[(N, B * HQ)](q, k, g, b, v, w, ainv, norms, y[0], y[-1], u, qg, kt[0], kt[-1], gc, T, Tp, HQ=HQ,
+    _wy_kernel[(N, B * HQ)](k, g, b, v, w, ainv, norms, y[0], y[-1], u, kt[0], kt[-1], gc, T, Tp, HQ=HQ,
                             HV=HV, K=K, V=V, DOT=plan.wy, SPLIT_Y=plan.y_split, SPLIT_KT=plan.kt_split,
                             KC=min(K, wy_block_k), num_warps=intra_warps)
     cx = format_constexprs(fmt)
@@ -648,7 +652,7 @@ def prefill_triton(
         y[0], y[-1], u, kt[0], kt[-1], gc, hs, vn, fin, pool.codes, scales, slots, N, HQ=HQ, HV=HV, K=K, V=V, BV=BV,
         INIT=initial, MODE=cx["MODE"], ROW=cx["ROW"], READ=plan.read, WRITE=plan.write, num_warps=state_warps,
         num_stages=stages or state_stages(plan, K, BV))
-    _output_kernel[(N, V // BVO, B * HV)](aqk, qg, hs, vn, o, T, N, HQ=HQ, HV=HV, K=K, V=V, BV=BVO, DOT=plan.out,
+    _output_kernel[(N, V // BVO, B * HV)](aqk, qg, norms, hs, vn, o, T, N, HQ=HQ, HV=HV, K=K, V=V, BV=BVO, DOT=plan.out,
                                           num_warps=4)
     stat = effective_static_scales(fmt, static_scales, HV, K, dev)
     _store_kernel[(B * HV,)](fin, pool.codes, scales, res, stat, slots, seed_tensor(fmt, seed, dev), HV=HV, K=K,
