@@ -82,6 +82,15 @@ def test_gemm_config_fills_the_gpu_for_the_1b3_shapes(M: int):
         if allow_split and M <= 64:
             assert programs >= 132
         assert allow_split or cfg.splits == 1
+        assert cfg.prefetch_tiles == min(fp8_gemm.PREFETCH_TILES, cfg.k_split // cfg.block_k)
+
+
+def test_gemm_prefetch_tiles_stay_inside_the_split_as_a_power_of_two():
+    """The lines asked for before the PDL wait cover whole tiles of the program's own K range; the kernel
+    builds them with tl.arange, hence a power of two."""
+    assert fp8_gemm.gemm_config(64, 2304, 2048, 132, splits=8, prefetch_tiles=4).prefetch_tiles == 2
+    assert fp8_gemm.gemm_config(64, 10496, 2304, 132, prefetch_tiles=3).prefetch_tiles == 2
+    assert fp8_gemm.gemm_config(64, 10496, 2304, 132, prefetch_tiles=0).prefetch_tiles == 0
 
 
 def _model() -> GDN2ForCausalLM:

@@ -584,7 +584,7 @@ def prefill_triton(
     seed: int | torch.Tensor | None = None, out: torch.Tensor | None = None, dot_precision: str | None = None,
     block_v: int | None = None, state_warps: int = 4, stages: int | None = None, intra_warps: int = 4,
     out_block_v: int = 64,
-    wy_block_k: int = 64, score_block_k: int = 128,
+    wy_block_k: int = 128, score_block_k: int = 128,
 ) -> torch.Tensor:
     """Launch the prefill kernels. q, k, g, b: [B, T, HQ, K]; v, w: [B, T, HV, V]; returns o.
 
@@ -607,8 +607,8 @@ def prefill_triton(
     block_v / state_warps / stages shape the sequential kernel (by default block_v from :func:`state_block_v`,
     the narrowest value block that keeps one wave of programs, and stages from :func:`state_stages`),
     intra_warps and wy_block_k (key columns per slice) the WY kernel, score_block_k the score kernel's slices,
-    out_block_v the output kernel (benchmark sweeps). H200, 1x8192: WY slices of 64 key columns 196 µs (32: 211,
-    128: 239), score slices of 128 230 µs (64: 236; with the earlier tf32 products 32: 424, 16: 589). The score
+    out_block_v the output kernel (benchmark sweeps). H200, 1x8192: WY slices of 128 key columns 156 µs (64: 164,
+    32: 188; 8 warps 264), score slices of 128 244 µs (64: 268). The score
     kernel always runs 4 warps: at 8 (with block_v 64 and out_block_v 128) the H200 check returned NaN outputs
     where the CPU interpreter (which has no warps) agreed with the reference, so its scratch hand-off between
     warps is only trusted at 4.
