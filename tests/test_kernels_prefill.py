@@ -98,6 +98,12 @@ def test_prefill_head_dim_64_in_score_and_wy_slices(slices: int):
     assert steps.max() <= 1.01 and torch.equal(pk.codes[0], pr.codes[0])
 
 
+def test_wy_slices_follow_the_operand_width_of_the_plan():
+    """Wide WY slices only where its products take bf16 operand pairs; fp32 operand tiles keep 64 columns."""
+    assert launch_plan("mixed").wy_block_k == launch_plan("mixed-split").wy_block_k == 128
+    assert {launch_plan(p).wy_block_k for p in ("bf16", "bf16x3", "tf32", "tf32x3", "ieee")} == {64}
+
+
 def test_slice_widths_must_be_powers_of_two():
     fmt = StateQuantConfig("int8")
     pk, _ = _pools(fmt, torch.Generator().manual_seed(0))

@@ -517,6 +517,14 @@ class LaunchPlan(NamedTuple):
     def kt_planes(self) -> int:
         return 2 if self.kt_split else 1
 
+    @property
+    def wy_block_k(self) -> int:
+        """Key columns per slice of the WY kernel: 128 where its products take bf16 operand pairs (H200, "mixed",
+        1x8192: 156 µs against 164 at 64), 64 where they take fp32 operands, whose tiles need more registers
+        (the width those plans were timed at; at 128 the 1x8192 rows of "bf16", "bf16x3" and "tf32x3" took
+        5-15% longer in the same table)."""
+        return 128 if self.wy == "bf16x3" else 64
+
 
 def _operand_dtype(prec: str) -> torch.dtype:
     return torch.bfloat16 if prec in ("bf16", "bf16x3") else torch.float32
@@ -584,7 +592,7 @@ def prefill_triton(
     seed: int | torch.Tensor | None = None, out: torch.Tensor | None = None, dot_precision: str | None = None,
     block_v: int | None = None, state_warps: int = 4, stages: int | None = None, intra_warps: int = 4,
     out_block_v: int = 64,
-    wy_block_k: int = 128, score_block_k: int = 128,
+    wy_block_k: int | None = None, score_block_k: int = 128,
 ) -> torch.Tensor:
     """Launch the prefill kernels. q, k, g, b: [B, T, HQ, K]; v, w: [B, T, HV, V]; returns o.
 
@@ -607,18 +615,20 @@ def prefill_triton(
     block_v / state_warps / stages shape the sequential kernel (by default block_v from :func:`state_block_v`,
     the narrowest value block that keeps one wave of programs, and stages from :func:`state_stages`),
     intra_warps and wy_block_k (key columns per slice) the WY kernel, score_block_k the score kernel's slices,
-    out_block_v the output kernel (benchmark sweeps). H200, 1x8192: WY slices of 128 key columns 156 µs (64: 164,
-    32: 188; 8 warps 264), score slices of 128 244 µs (64: 268). The score
+    out_block_v the output kernel (benchmark sweeps); wy_block_k defaults to :attr:`LaunchPlan.wy_block_k`. H200,
+    1x8192, "mixed": WY slices of 128 key columns 156 µs (64: 164, 32: 188; 8 warps 264), score slices of 128
+    244 µs (64: 268). The score
     kernel always runs 4 warps: at 8 (with block_v 64 and out_block_v 128) the H200 check returned NaN outputs
     where the CPU interpreter (which has no warps) agreed with the reference, so its scratch hand-off between
     warps is only trusted at 4.
     """
     B, T, HQ, K = k.shape
     HV, V = v.shape[2], v.shape[3]
+    plan = launch_plan(dot_precision or default_dot(q.dtype))
+    wy_block_k = plan.wy_block_k if wy_block_k is None else wy_block_k
     for name, n in (("wy_block_k", wy_block_k), ("score_block_k", score_block_k)):
         if n < 16 or n & (n - 1):
             raise ValueError(f"prefill {name}={n}: key columns per slice must be a power of two >= 16, e.g. 64")
-    plan = launch_plan(dot_precision or default_dot(q.dtype))
     q, k, v, g, b, w = (t.contiguous() for t in (q, k, v, g, b, w))
     N = triton.cdiv(T, CHUNK)
     Tp = N * CHUNK
