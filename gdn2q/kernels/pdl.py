@@ -104,7 +104,7 @@ def launch_dependents(PDL: tl.constexpr):
 @triton.jit
 def prefetch_l2(ptrs):
     """Ask L2 for the 128-byte lines holding ``ptrs``: no register is written and nothing waits for it, so a
-    kernel can issue it for bytes no earlier kernel writes (weights, its next state tile) before :func:`wait`.
+    kernel can issue it before :func:`wait` for bytes no earlier kernel writes (the fp8 GEMM's weights).
     No library exposes an L2 prefetch to Triton, hence the inline PTX (a no-op under the CPU interpreter)."""
     if not INTERPRETED:
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,

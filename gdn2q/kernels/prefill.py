@@ -617,10 +617,9 @@ def prefill_triton(
     intra_warps and wy_block_k (key columns per slice) the WY kernel, score_block_k the score kernel's slices,
     out_block_v the output kernel (benchmark sweeps); wy_block_k defaults to :attr:`LaunchPlan.wy_block_k`. H200,
     1x8192, "mixed": WY slices of 128 key columns 156 µs (64: 164, 32: 188; 8 warps 264), score slices of 128
-    244 µs (64: 268). The score
-    kernel always runs 4 warps: at 8 (with block_v 64 and out_block_v 128) the H200 check returned NaN outputs
-    where the CPU interpreter (which has no warps) agreed with the reference, so its scratch hand-off between
-    warps is only trusted at 4.
+    244 µs (64: 268). The score kernel always runs 4 warps: at 8 (with block_v 64 and out_block_v 128) the H200
+    check returned NaN outputs where the CPU interpreter (which has no warps) agreed with the reference, so its
+    scratch hand-off between warps is only trusted at 4.
     """
     B, T, HQ, K = k.shape
     HV, V = v.shape[2], v.shape[3]
