@@ -67,7 +67,7 @@ def generate(
         run_generation(prompt, ids, prefill=lambda: lm(torch.tensor([ids], device=device), state)[:, -1],
                        pick=lambda logits: int(sample_next(logits, temperature, top_k, gen)),
                        step=lambda nxt: lm(torch.tensor([[nxt]], device=device), state)[:, -1],
-                       decode=lambda out: tok.decode(out), max_new_tokens=max_new_tokens, json_out=json_out,
+                       decode=tok.decode, max_new_tokens=max_new_tokens, json_out=json_out,
                        label="generating", how=f"{device}, {dtype}")
 
 
