@@ -131,3 +131,18 @@ def test_decode_inputs_with_gates(neg: bool):
     for x, r in zip(got, (q, k, v, g_ref.flatten(1), b_ref.flatten(1), w_ref), strict=True):
         assert x.is_contiguous() and x.shape == r.shape and x.dtype == r.dtype
         torch.testing.assert_close(x.float(), r.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("M", [1, 20, 64, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_rank_up(M: int, dtype: torch.dtype):
+    """[fr | gr] (a strided slice of the fused projection rows) against the two low-rank second layers."""
+    rows = _rand(M, 300, seed=M, dtype=dtype)
+    x = rows[:, 20:20 + 2 * 32]
+    weight = _rand(96 + 64, 32, seed=7, dtype=dtype)   # 96 f rows, then 64 g rows
+    got = glue.low_rank_up(x, weight, 96)
+    ref = glue.low_rank_up_reference(x.float(), weight.float(), 96)
+    torch.testing.assert_close(ref[:, :96], x[:, :32].double() @ weight[:96].double().t(), check_dtype=False)
+    assert got.shape == (M, 160) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 8e-3   # bf16: one rounding of the fp32 sum
+    torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)

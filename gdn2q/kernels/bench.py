@@ -27,7 +27,7 @@ from torch import nn
 from gdn2q.config import GDN2Config
 from gdn2q.kernels import backend, chunk_prefill, decode_step, new_state_pool, pdl
 from gdn2q.kernels.fp8_linear import Fp8Rows, fp8_matmul, quantize_weight_fp8
-from gdn2q.kernels.glue import add_rms_norm, decode_inputs, gated_rms_norm_rows, swiglu
+from gdn2q.kernels.glue import add_rms_norm, decode_inputs, gated_rms_norm_rows, low_rank_up, swiglu
 from gdn2q.kernels.reference import gates
 from gdn2q.model.gdn2 import GDN2Mixer, causal_conv
 from gdn2q.model.lm import GDN2ForCausalLM
@@ -62,7 +62,7 @@ class _Layer:
 
     attn_norm: torch.Tensor
     in_proj: FusedLinear           # -> q | k | v | b | w | f_proj[0] | g_proj[0]
-    low_rank: torch.Tensor         # block-diagonal [f_proj[1]; g_proj[1]]: [fr | gr] -> f | z (bias in the norm)
+    low_rank: torch.Tensor         # [f_proj[1]; g_proj[1]] weights: [fr | gr] -> f | z (bias in the norm)
     z_bias: torch.Tensor | None
     taps: torch.Tensor             # q|k|v depthwise conv taps [2kd + vd, W]
     conv_bias: torch.Tensor | None
@@ -89,7 +89,7 @@ def _fuse(block: nn.Module, c: GDN2Config, fp8: bool) -> _Layer:
     return _Layer(
         attn_norm=block.attn_norm.weight.detach(),
         in_proj=FusedLinear([m.q_proj, m.k_proj, m.v_proj, m.b_proj, m.w_proj, m.f_proj[0], m.g_proj[0]], fp8),
-        low_rank=torch.block_diag(f1.weight.detach(), g1.weight.detach()),
+        low_rank=torch.cat([f1.weight.detach(), g1.weight.detach()]),
         z_bias=None if g1.bias is None else g1.bias.detach(),
         taps=taps.detach().contiguous(), conv_bias=None if conv_bias is None else conv_bias.detach(),
         A_log=m.A_log.detach(), dt_bias=m.dt_bias.detach(), o_norm=m.o_norm.weight.detach(),
@@ -128,7 +128,7 @@ class KernelLM:
         c, fp8, L = self.c, self.fp8, self.layers[i]
         y1 = L.in_proj(add_rms_norm(x, delta, L.attn_norm, c.norm_eps, fp8))
         r0 = 3 * c.key_dim + 2 * c.value_dim
-        y2 = F.linear(y1[:, r0:r0 + 2 * c.head_v_dim], L.low_rank)
+        y2 = low_rank_up(y1[:, r0:r0 + 2 * c.head_v_dim], L.low_rank, c.key_dim)
         o = mixer(i, L, y1, y2)
         z = y2[:, c.key_dim:]
         o = gated_rms_norm_rows(o, z, L.z_bias, L.o_norm, c.norm_eps, c.output_gate_activation, fp8)

@@ -87,6 +87,11 @@ def decode_inputs_reference(y1: torch.Tensor, y2: torch.Tensor, window: torch.Te
     return tuple(t.contiguous() for t in (q, k, v, y2[:, :kd], b, w))
 
 
+def low_rank_up_reference(x: torch.Tensor, weight: torch.Tensor, split: int) -> torch.Tensor:
+    r = x.shape[1] // 2
+    return torch.cat([F.linear(x[:, :r], weight[:split]), F.linear(x[:, r:], weight[split:])], dim=-1)
+
+
 # ---- Triton kernels ----
 
 @triton.jit
@@ -232,6 +237,30 @@ def _decode_inputs_kernel(y1_ptr, y2_ptr, win_ptr, taps_ptr, cb_ptr, alog_ptr, d
         tl.store(out_ptr + B * start + row * size + (c - start), val.to(out_ptr.dtype.element_ty), mask=live)
 
 
+@triton.jit
+def _low_rank_up_kernel(x_ptr, w_ptr, out_ptr, M, x_stride, SPLIT: tl.constexpr, N: tl.constexpr, R: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr):
+    """out[m, n] = x[m, half(n) * R:][:R] . w[n] for one [BLOCK_M, BLOCK_N] tile, half(n) = n >= SPLIT (a block
+    never straddles SPLIT). The weights depend on no earlier kernel: their lines go to L2 before the wait."""
+    pdl.launch_dependents(PDL)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, R)
+    w_rows = w_ptr + rn[:, None] * R
+    if PDL:
+        pdl.prefetch_l2(w_rows + (tl.arange(0, (R + LINE - 1) // LINE) * LINE)[None, :])
+    pdl.wait(PDL)
+    half = (tl.program_id(0) * BLOCK_N >= SPLIT).to(tl.int32)
+    x = tl.load(x_ptr + rm[:, None] * x_stride + half * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
+    w = tl.load(w_rows + rr[None, :])
+    # fp32 inputs: exact fp32 products, not tf32; the interpreter takes that path too (its bf16 dot is wrong)
+    if INTERPRETED or x_ptr.dtype.element_ty == tl.float32:
+        acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    else:
+        acc = tl.dot(x, tl.trans(w))
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None])
+
+
 # ---- entry points ----
 
 def _rows_out(like: torch.Tensor, M: int, N: int, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,6 +331,31 @@ def swiglu(y: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Rows:
     BI = triton.next_power_of_2(I)
     _swiglu_kernel[(M,)](y, out, scales, I=I, BI=BI, FP8=fp8, num_warps=_warps(BI), **pdl.launch_options(y.device))
     return (out, scales) if fp8 else out
+
+
+LOW_RANK_MAX_M = 256   # larger inputs (prefill) go to cuBLAS
+
+
+def low_rank_up(x: torch.Tensor, weight: torch.Tensor, split: int) -> torch.Tensor:
+    """The second low-rank layers of f_proj and g_proj in one launch: x [M, 2R] = [fr | gr] (unit column stride),
+    weight [N, R] = [f weight; g weight] with the f rows first (``split`` of them) -> [f | z] [M, N].
+
+    Why a kernel: cuBLAS takes it as two GEMMs, or one over a block-diagonal weight that is half zeros, and
+    neither joins the PDL chain of the step, so the kernels around it start only after it completes.
+    """
+    M, R = x.shape[0], x.shape[1] // 2
+    N = weight.shape[0]
+    BLOCK_N = 32
+    if not use_triton(x) or M > LOW_RANK_MAX_M or split % BLOCK_N or N % BLOCK_N or R & (R - 1) or R < 16:
+        return low_rank_up_reference(x, weight, split)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    BLOCK_M = min(64, max(16, triton.next_power_of_2(M)))
+    _low_rank_up_kernel[(N // BLOCK_N, triton.cdiv(M, BLOCK_M))](
+        x, weight.contiguous(), out, M, x.stride(0), SPLIT=split, N=N, R=R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        LINE=128 // weight.element_size(), num_warps=4, **pdl.launch_options(x.device))
+    return out
 
 
 def decode_inputs(y1: torch.Tensor, y2: torch.Tensor, window: torch.Tensor, taps: torch.Tensor,
