@@ -69,6 +69,23 @@ def test_fp8_gemm_without_partials_never_splits_and_writes_out_dtype():
     with pytest.raises(ValueError, match="partials"):
         fp8_gemm.fp8_gemm(xq, xs, wq, ws, torch.bfloat16, splits=2)
 
+def test_step_tuned_launch_applies_on_its_card_and_shape_only(monkeypatch):
+    """A STEP_TUNED entry sets the launch of its (card, N, K) at M <= 64; its K splits only where partials are
+    consumed; other shapes, cards and larger M keep gemm_config's rule."""
+    M, N, K = 6, 40, 256
+    xq, xs, wq, ws, ref = _operands(M, N, K, seed=9)
+    card = fp8_gemm.card_name(xq.device)
+    monkeypatch.setattr(fp8_gemm, "STEP_TUNED", {card: {(N, K): {"block_k": 32, "splits": 3}}})
+    assert fp8_gemm.step_tuned(xq.device, M, N, K, True) == {"block_k": 32, "splits": 3}
+    assert fp8_gemm.step_tuned(xq.device, M, N, K, False) == {"block_k": 32}
+    assert fp8_gemm.step_tuned(xq.device, 65, N, K, True) == {}
+    assert fp8_gemm.step_tuned(xq.device, M, N + 1, K, True) == {}
+    y = fp8_gemm.fp8_gemm(xq, xs, wq, ws, torch.float32, partials=True)
+    assert y.shape == (3, M, N)
+    torch.testing.assert_close(y.sum(0).double(), ref, rtol=TOL, atol=TOL / 10 * ref.abs().max().item())
+    assert fp8_gemm.fp8_gemm(xq, xs, wq, ws, torch.float32).shape == (M, N)   # no consumer: no split
+
+
 
 @pytest.mark.parametrize("M", [1, 64, 256])
 def test_gemm_config_fills_the_gpu_for_the_1b3_shapes(M: int):

@@ -54,6 +54,27 @@ class GemmConfig:
 PREFETCH_TILES = 4   # H200, 1.3B step at B=64 under PDL: 1.475 ms without, 1.441 (1 tile), 1.430 (2), 1.429 (4)
 
 
+# Launches measured inside the graphed 1.3B decode step at B=64 (tools/tune_gemm_in_step.py), where the kernels
+# around a GEMM share the card with it, which standalone timings miss; by card name and weight shape (N, K), for
+# batches of one 64-row block. Everything else takes the rule of gemm_config.
+STEP_TUNED: dict[str, dict[tuple[int, int], dict[str, int]]] = {
+    "NVIDIA H100 80GB HBM3": {(12416, 2304): dict(num_stages=4), (2304, 2048): dict(block_n=32, splits=2)},
+}
+
+
+@functools.cache
+def card_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def step_tuned(device: torch.device, M: int, N: int, K: int, allow_split: bool) -> dict[str, int]:
+    """The :data:`STEP_TUNED` launch keywords of this product on this card ({} where none was measured)."""
+    tuned = dict(STEP_TUNED.get(card_name(device), {}).get((N, K), {})) if M <= 64 else {}
+    if not allow_split:
+        tuned.pop("splits", None)
+    return tuned
+
+
 @functools.cache
 def sm_count(device: torch.device) -> int:
     """Multiprocessors of a CUDA device; 132 (an H100/H200) for the CPU interpreter, so tests see its choices."""
@@ -109,7 +130,7 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, K_SPLIT, BL
     lm, ln = rm % M, rn % N
     k0 = pid_s * K_SPLIT
     if PDL and PREFETCH > 0:   # the weights depend on no earlier kernel: start their first tiles now
-        lines = k0 + tl.arange(0, PREFETCH * BLOCK_K // 128) * 128   # one 128-byte line per row and 128 codes
+        lines = k0 + tl.arange(0, (PREFETCH * BLOCK_K + 127) // 128) * 128   # a 128-byte line per 128 codes
         pdl.prefetch_l2(w_ptr + ln.to(tl.int64)[:, None] * K + tl.minimum(lines, K - 1)[None, :])
     pdl.wait(PDL)   # the activations (and the buffer written below) belong to earlier kernels
     x_ptrs = x_ptr + lm.to(tl.int64)[:, None] * K + (k0 + rk)[None, :]
@@ -143,7 +164,8 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Ten
     """
     M, K = xq.shape
     N = wq.shape[0]
-    cfg = gemm_config(M, N, K, sm_count(xq.device), allow_split=partials, **overrides)
+    cfg = gemm_config(M, N, K, sm_count(xq.device), allow_split=partials,
+                      **{**step_tuned(xq.device, M, N, K, partials), **overrides})
     xq, xs, wq, ws = xq.contiguous(), xs.float().contiguous(), wq.contiguous(), ws.float().contiguous()
     if cfg.splits == 1:
         out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
