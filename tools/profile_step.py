@@ -18,14 +18,12 @@ from pathlib import Path
 
 import torch
 import triton
-from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gdn2q.kernels import pdl  # noqa: E402
-from gdn2q.kernels.bench import CONFIG_1B3, PDL_MODES, KernelLM, capture_graph  # noqa: E402
-from gdn2q.model.gdn2 import GDN2Mixer  # noqa: E402
+from gdn2q.kernels.bench import CONFIG_1B3, PDL_MODES, KernelLM, capture_graph, random_model  # noqa: E402
 from gdn2q.model.lm import GDN2ForCausalLM  # noqa: E402
 from gdn2q.quant.state import StateQuantConfig  # noqa: E402
 
@@ -72,12 +70,7 @@ def main() -> None:
     ap.add_argument("--pdl", choices=PDL_MODES, default="both", help="programmatic dependent launch off, on or both")
     ap.add_argument("--out", default="docs/benchmarks")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    model = GDN2ForCausalLM(CONFIG_1B3)
-    for mod in model.modules():
-        if isinstance(mod, GDN2Mixer):
-            nn.init.uniform_(mod.A_log, 0.0, 2.7)
-    model = model.to("cuda").to_dtype(torch.bfloat16).eval()
+    model = random_model(CONFIG_1B3).to("cuda").to_dtype(torch.bfloat16).eval()
     results = []
     for run in args.runs:
         recipe, state = run.split(":")

@@ -19,14 +19,11 @@ from pathlib import Path
 
 import torch
 import triton
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gdn2q.kernels import fp8_gemm, pdl  # noqa: E402
-from gdn2q.kernels.bench import CONFIG_1B3, KernelLM, _timed, capture_graph  # noqa: E402
-from gdn2q.model.gdn2 import GDN2Mixer  # noqa: E402
-from gdn2q.model.lm import GDN2ForCausalLM  # noqa: E402
+from gdn2q.kernels.bench import CONFIG_1B3, KernelLM, _timed, capture_graph, random_model  # noqa: E402
 from gdn2q.quant.state import StateQuantConfig  # noqa: E402
 
 c = CONFIG_1B3
@@ -54,12 +51,7 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_gemm_in_step.py needs a CUDA GPU")
-    torch.manual_seed(0)
-    model = GDN2ForCausalLM(CONFIG_1B3)
-    for mod in model.modules():
-        if isinstance(mod, GDN2Mixer):
-            nn.init.uniform_(mod.A_log, 0.0, 2.7)
-    model = model.to("cuda").to_dtype(torch.bfloat16).eval()
+    model = random_model(CONFIG_1B3).to("cuda").to_dtype(torch.bfloat16).eval()
     tok = torch.randint(0, c.vocab_size, (args.batch,), device="cuda")
     card = torch.cuda.get_device_name()
     table = dict(fp8_gemm.STEP_TUNED)

@@ -185,6 +185,17 @@ class KernelLM:
         return self._logits(x.view(B, T, -1)[:, -1].contiguous(), None)
 
 
+def random_model(config: GDN2Config = CONFIG_1B3) -> GDN2ForCausalLM:
+    """A GDN-2 LM with random weights (seed 0) for speed measurements, its decays drawn as a trained model's
+    spread (A_log uniform in [0, 2.7])."""
+    torch.manual_seed(0)
+    model = GDN2ForCausalLM(config)
+    for mod in model.modules():
+        if isinstance(mod, GDN2Mixer):
+            nn.init.uniform_(mod.A_log, 0.0, 2.7)
+    return model
+
+
 def capture_graph(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
     """fn captured in a CUDA graph, after ``warmup`` calls on a side stream (compiles, allocator pools), as a
     serving loop would replay it."""
@@ -248,11 +259,7 @@ def bench_model(model_or_config: GDN2ForCausalLM | GDN2Config | None = None, bat
     if isinstance(model_or_config, GDN2ForCausalLM):
         model = model_or_config
     else:
-        torch.manual_seed(0)
-        model = GDN2ForCausalLM(model_or_config or CONFIG_1B3)
-        for mod in model.modules():
-            if isinstance(mod, GDN2Mixer):
-                nn.init.uniform_(mod.A_log, 0.0, 2.7)
+        model = random_model(model_or_config or CONFIG_1B3)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = model.to(device).to_dtype(dtype).eval()
     lm = KernelLM(model, batch, fmt, recipe)
