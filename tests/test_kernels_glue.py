@@ -146,3 +146,26 @@ def test_low_rank_up(M: int, dtype: torch.dtype):
     assert got.shape == (M, 160) and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 8e-3   # bf16: one rounding of the fp32 sum
     torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(("B", "neg", "conv_bias"), [(2, False, True), (20, True, False)])
+def test_decode_inputs_low_rank(B: int, neg: bool, conv_bias: bool):
+    """The fused launch against low_rank_up_reference followed by decode_inputs_reference and the gates."""
+    kd, vd, R, W = 32, 64, 16, 4
+    C, F0 = 2 * kd + vd, 3 * kd + 2 * vd
+    y1 = _rand(B, F0 + 2 * R + 5, seed=40)
+    weight = _rand(kd + vd, R, seed=41)
+    win, taps = _rand(B, C, W, seed=42), _rand(C, W, seed=43)
+    cb = _rand(C, seed=44) if conv_bias else None
+    A_log, dt_bias = _rand(kd // 16, seed=45).abs(), _rand(kd, seed=46)
+    win_ref = win.clone()
+    got = glue.decode_inputs_low_rank(y1, weight, win, taps, cb, kd, vd, A_log, dt_bias, neg)
+    y2 = glue.low_rank_up_reference(y1[:, F0:F0 + 2 * R], weight, kd)
+    q, k, v, f, b, w = glue.decode_inputs_reference(y1, y2, win_ref, taps, cb, kd, vd)
+    g_ref, b_ref, w_ref = gates(f.view(B, 2, 16), b.view(B, 2, 16), w, A_log, dt_bias, neg)
+    torch.testing.assert_close(win, win_ref, rtol=0, atol=0)
+    ref = (q, k, v, g_ref.flatten(1), b_ref.flatten(1), w_ref, y2[:, kd:])
+    assert len(got) == len(ref)
+    for x, r in zip(got, ref, strict=True):
+        assert x.is_contiguous() and x.shape == r.shape and x.dtype == r.dtype
+        torch.testing.assert_close(x.float(), r.float(), rtol=1e-5, atol=1e-5)

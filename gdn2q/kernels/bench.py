@@ -27,7 +27,7 @@ from torch import nn
 from gdn2q.config import GDN2Config
 from gdn2q.kernels import backend, chunk_prefill, decode_step, new_state_pool, pdl
 from gdn2q.kernels.fp8_linear import Fp8Rows, fp8_matmul, quantize_weight_fp8
-from gdn2q.kernels.glue import add_rms_norm, decode_inputs, gated_rms_norm_rows, low_rank_up, swiglu
+from gdn2q.kernels.glue import add_rms_norm, decode_inputs_low_rank, gated_rms_norm_rows, low_rank_up, swiglu
 from gdn2q.kernels.reference import gates
 from gdn2q.model.gdn2 import GDN2Mixer, causal_conv
 from gdn2q.model.lm import GDN2ForCausalLM
@@ -123,14 +123,11 @@ class KernelLM:
 
     def _block(self, i: int, x: torch.Tensor, delta: torch.Tensor | None, mixer) -> torch.Tensor:
         """Block i on residual rows x [M, d] (``x += delta`` first, in place); returns its MLP output (maybe as
-        split-K partials [S, M, d]), which the next norm adds. ``mixer(i, L, y1, y2)`` runs the recurrence on the
-        fused projections -> o [M, HV, V]."""
+        split-K partials [S, M, d]), which the next norm adds. ``mixer(i, L, y1)`` runs the low-rank layers and
+        the recurrence on the fused projections -> (o [M, HV, V], z [M, vd])."""
         c, fp8, L = self.c, self.fp8, self.layers[i]
         y1 = L.in_proj(add_rms_norm(x, delta, L.attn_norm, c.norm_eps, fp8))
-        r0 = 3 * c.key_dim + 2 * c.value_dim
-        y2 = low_rank_up(y1[:, r0:r0 + 2 * c.head_v_dim], L.low_rank, c.key_dim)
-        o = mixer(i, L, y1, y2)
-        z = y2[:, c.key_dim:]
+        o, z = mixer(i, L, y1)
         o = gated_rms_norm_rows(o, z, L.z_bias, L.o_norm, c.norm_eps, c.output_gate_activation, fp8)
         delta = L.o_proj(o, partials=True)
         return L.down(swiglu(L.gate_up(add_rms_norm(x, delta, L.mlp_norm, c.norm_eps, fp8)), fp8), partials=True)
@@ -144,14 +141,15 @@ class KernelLM:
         c = self.c
         B = ids.shape[0]
 
-        def mixer(i: int, L: _Layer, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
-            # the gates come out of the conv kernel in fp32, once per channel (not once per row block)
-            q, k, v, g, b, w = decode_inputs(y1, y2, self.windows[i], L.taps, L.conv_bias, c.key_dim, c.value_dim,
-                                             L.A_log, L.dt_bias, c.allow_neg_eigval)
+        def mixer(i: int, L: _Layer, y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # one launch for the conv, the low-rank layers and the gates (fp32, once per channel)
+            q, k, v, g, b, w, z = decode_inputs_low_rank(y1, L.low_rank, self.windows[i], L.taps, L.conv_bias,
+                                                         c.key_dim, c.value_dim, L.A_log, L.dt_bias,
+                                                         c.allow_neg_eigval)
             qk = (B, c.num_heads, c.head_dim)
             vw = (B, c.value_heads, c.head_v_dim)
             return decode_step(q.view(qk), k.view(qk), v.view(vw), g.view(qk), b.view(qk), w.view(vw), self.pools[i],
-                               self.slots, self.fmt)
+                               self.slots, self.fmt), z
 
         x, delta = self.model.model.embeddings(ids), None
         for i in range(len(self.layers)):
@@ -165,7 +163,9 @@ class KernelLM:
         B, T = ids.shape
         kd, vd = c.key_dim, c.value_dim
 
-        def mixer(i: int, L: _Layer, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+        def mixer(i: int, L: _Layer, y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            r0 = 3 * kd + 2 * vd
+            y2 = low_rank_up(y1[:, r0:r0 + 2 * c.head_v_dim], L.low_rank, kd)
             qkv, win = causal_conv(y1[:, :2 * kd + vd].view(B, T, -1), L.taps[:, None], L.conv_bias, None)
             self.windows[i].copy_(win)
             q, k, v = qkv.split([kd, kd, vd], dim=-1)
@@ -176,7 +176,7 @@ class KernelLM:
                             c.allow_neg_eigval)
             o = chunk_prefill(q.reshape(qk), k.reshape(qk), v.reshape(vw), g, b, w, self.pools[i], self.slots,
                               self.fmt, initial=False)
-            return o.flatten(0, 1)
+            return o.flatten(0, 1), y2[:, kd:]
 
         x, delta = self.model.model.embeddings(ids).flatten(0, 1), None
         for i in range(len(self.layers)):

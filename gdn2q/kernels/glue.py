@@ -188,23 +188,46 @@ def _swiglu_kernel(y_ptr, out_ptr, scales_ptr, I: tl.constexpr, BI: tl.constexpr
 
 
 @triton.jit
-def _decode_inputs_kernel(y1_ptr, y2_ptr, win_ptr, taps_ptr, cb_ptr, alog_ptr, dtb_ptr, out_ptr, gout_ptr, s1, s2, B,
-                          KD: tl.constexpr, VD: tl.constexpr, HK: tl.constexpr, W: tl.constexpr,
-                          WP: tl.constexpr, BLOCK: tl.constexpr, CBIAS: tl.constexpr, GATES: tl.constexpr,
-                          NEG_EIG: tl.constexpr, PDL: tl.constexpr):
+def _decode_inputs_kernel(y1_ptr, y2_ptr, win_ptr, taps_ptr, cb_ptr, alog_ptr, dtb_ptr, out_ptr, gout_ptr, lr_ptr,
+                          z_ptr, s1, s2, B, row_programs, KD: tl.constexpr, VD: tl.constexpr, HK: tl.constexpr,
+                          W: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
+                          CBIAS: tl.constexpr, GATES: tl.constexpr, NEG_EIG: tl.constexpr, LOW_RANK: tl.constexpr,
+                          R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr):
+    """The first ``row_programs`` programs take channel blocks of one sequence (:func:`_inputs_row`); with
+    LOW_RANK the rest compute f and z through the low-rank second layers (:func:`_inputs_low_rank`)."""
+    pdl.launch_dependents(PDL)
+    pid = tl.program_id(0)
+    if LOW_RANK and PDL:   # constant weights: their lines can come to L2 while the kernel before runs
+        LINE: tl.constexpr = 1024 // lr_ptr.dtype.element_ty.primitive_bitwidth   # elements per 128 bytes
+        n = (tl.maximum(pid - row_programs, 0) % ((KD + VD) // BN)) * BN + tl.arange(0, BN)
+        pdl.prefetch_l2(lr_ptr + n[:, None] * R + (tl.arange(0, (R + LINE - 1) // LINE) * LINE)[None, :])
+    pdl.wait(PDL)
+    if pid < row_programs:
+        _inputs_row(y1_ptr, y2_ptr, win_ptr, taps_ptr, cb_ptr, alog_ptr, dtb_ptr, out_ptr, gout_ptr, s1, s2, B,
+                    pid // NB, pid % NB, KD, VD, HK, W, WP, BLOCK, CBIAS, GATES, NEG_EIG, LOW_RANK)
+    else:
+        if LOW_RANK:   # (the launch without it has no programs past row_programs)
+            _inputs_low_rank(y1_ptr, alog_ptr, dtb_ptr, gout_ptr, lr_ptr, z_ptr, s1, B, pid - row_programs, KD,
+                             VD, HK, R, BM, BN)
+
+
+@triton.jit
+def _inputs_row(y1_ptr, y2_ptr, win_ptr, taps_ptr, cb_ptr, alog_ptr, dtb_ptr, out_ptr, gout_ptr, s1, s2, B, row,
+                blk, KD: tl.constexpr, VD: tl.constexpr, HK: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                BLOCK: tl.constexpr, CBIAS: tl.constexpr, GATES: tl.constexpr, NEG_EIG: tl.constexpr,
+                LOW_RANK: tl.constexpr):
     """Channels c of one sequence in the order q k v b w f: conv step of q|k|v, copies of b|w|f; every one of
     the six lands in its own contiguous [B, n] plane of out. With GATES, b|w|f leave as the fp32 gates
     (GDN2_SPEC.md 1.2 steps 3-4) in the planes of gout instead, computed once per channel here rather than
-    in every program of the recurrence kernel that updates the head."""
+    in every program of the recurrence kernel that updates the head. With LOW_RANK, f is not taken here."""
     C: tl.constexpr = 2 * KD + VD
     F0: tl.constexpr = 3 * KD + 2 * VD          # q k v b w come from y1, f from y2
-    pdl.launch_dependents(PDL)
-    pdl.wait(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    live = c < F0 + KD
+    row = row.to(tl.int64)
+    c = blk * BLOCK + tl.arange(0, BLOCK)
+    live = c < (F0 if LOW_RANK else F0 + KD)
     x = tl.load(y1_ptr + row * s1 + c, mask=c < F0, other=0.0)
-    x = tl.where(c < F0, x, tl.load(y2_ptr + row * s2 + (c - F0), mask=live & (c >= F0), other=0.0))
+    if not LOW_RANK:
+        x = tl.where(c < F0, x, tl.load(y2_ptr + row * s2 + (c - F0), mask=live & (c >= F0), other=0.0))
     conv = c < C
     # Shift the window one step in place: read positions 1.., barrier, then write 0.. (the barrier orders one
     # thread's read before another's write to the same element, whatever layout the compiler picks).
@@ -236,6 +259,37 @@ def _decode_inputs_kernel(y1_ptr, y2_ptr, win_ptr, taps_ptr, cb_ptr, alog_ptr, d
                  mask=live & (c >= C))
     else:
         tl.store(out_ptr + B * start + row * size + (c - start), val.to(out_ptr.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _inputs_low_rank(y1_ptr, alog_ptr, dtb_ptr, gout_ptr, lr_ptr, z_ptr, s1, B, j, KD: tl.constexpr,
+                     VD: tl.constexpr, HK: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Tile j of [f | z] = [fr | gr] . [f weight; g weight]^T over BM sequences and BN channels (a tile never
+    straddles f and z): f goes on as the fp32 log decay g into its plane of gout, z in the model dtype into
+    z_ptr [B, VD]. Both are rounded to the model dtype first, as the unfused low-rank GEMM's output was."""
+    F0: tl.constexpr = 3 * KD + 2 * VD          # fr | gr follow q k v b w in y1
+    NT: tl.constexpr = (KD + VD) // BN
+    n0 = (j % NT) * BN
+    rows = (j // NT) * BM + tl.arange(0, BM)
+    rm = rows < B
+    rr = tl.arange(0, R)
+    half = (n0 >= KD).to(tl.int32)
+    x = tl.load(y1_ptr + rows.to(tl.int64)[:, None] * s1 + F0 + half * R + rr[None, :], mask=rm[:, None], other=0.0)
+    w = tl.load(lr_ptr + (n0 + tl.arange(0, BN))[:, None] * R + rr[None, :])
+    if INTERPRETED or y1_ptr.dtype.element_ty == tl.float32:   # see _low_rank_up_kernel
+        acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    else:
+        acc = tl.dot(x, tl.trans(w))
+    val = acc.to(y1_ptr.dtype.element_ty)
+    if n0 < KD:
+        fc = n0 + tl.arange(0, BN)
+        g = gates_from_preactivations(val.to(tl.float32), val.to(tl.float32),
+                                      tl.load(alog_ptr + fc // HK).to(tl.float32)[None, :],
+                                      tl.load(dtb_ptr + fc).to(tl.float32)[None, :], False)[0]
+        tl.store(gout_ptr + B * (KD + VD) + rows[:, None] * KD + fc[None, :], g, mask=rm[:, None])
+    else:
+        zc = n0 - KD + tl.arange(0, BN)
+        tl.store(z_ptr + rows[:, None] * VD + zc[None, :], val, mask=rm[:, None])
 
 
 @triton.jit
@@ -335,6 +389,7 @@ def swiglu(y: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Rows:
 
 
 LOW_RANK_MAX_M = 256   # larger inputs (prefill) go to cuBLAS
+INPUTS_BLOCK = 1024    # channels per program of one sequence in the decode-inputs kernel
 
 
 def low_rank_up(x: torch.Tensor, weight: torch.Tensor, split: int) -> torch.Tensor:
@@ -381,14 +436,51 @@ def decode_inputs(y1: torch.Tensor, y2: torch.Tensor, window: torch.Tensor, taps
     sizes = (kd, kd, vd, kd, vd, kd)
     out = torch.empty(B * sum(sizes[:3] if gates_on else sizes), dtype=y1.dtype, device=y1.device)
     gout = torch.empty(B * sum(sizes[3:]), dtype=torch.float32, device=y1.device) if gates_on else out
-    BLOCK = 1024
-    _decode_inputs_kernel[(B, triton.cdiv(sum(sizes), BLOCK))](
+    NB = triton.cdiv(sum(sizes), INPUTS_BLOCK)
+    _decode_inputs_kernel[(B * NB,)](
         y1, y2, window, taps, taps if conv_bias is None else conv_bias, A_log if gates_on else taps,
-        dt_bias if gates_on else taps, out, gout, y1.stride(0), y2.stride(0), B, KD=kd, VD=vd,
-        HK=kd // A_log.shape[0] if gates_on else 1, W=W, WP=triton.next_power_of_2(W), BLOCK=BLOCK,
-        CBIAS=conv_bias is not None, GATES=gates_on, NEG_EIG=allow_neg_eigval, num_warps=4,
-        **pdl.launch_options(y1.device))
+        dt_bias if gates_on else taps, out, gout, taps, taps, y1.stride(0), y2.stride(0), B, B * NB, KD=kd, VD=vd,
+        HK=kd // A_log.shape[0] if gates_on else 1, W=W, WP=triton.next_power_of_2(W), BLOCK=INPUTS_BLOCK, NB=NB,
+        CBIAS=conv_bias is not None, GATES=gates_on, NEG_EIG=allow_neg_eigval, LOW_RANK=False, R=16, BM=16,
+        BN=16, num_warps=4, **pdl.launch_options(y1.device))
     planes = out.split([B * n for n in sizes[:3]]) + gout.split([B * n for n in sizes[3:]]) if gates_on else \
         out.split([B * n for n in sizes])
     q, k, v, b, w, f = (p.view(B, n) for p, n in zip(planes, sizes, strict=True))
     return q, k, v, f, b, w
+
+
+def decode_inputs_low_rank(y1: torch.Tensor, low_rank: torch.Tensor, window: torch.Tensor, taps: torch.Tensor,
+                           conv_bias: torch.Tensor | None, kd: int, vd: int, A_log: torch.Tensor,
+                           dt_bias: torch.Tensor, allow_neg_eigval: bool = False) -> tuple[torch.Tensor, ...]:
+    """:func:`decode_inputs` with the gates, fused with :func:`low_rank_up`: y1 [B, >= 3kd+2vd+2R] holds raw
+    q|k|v|b|w|fr|gr and low_rank [kd+vd, R] the f and g second-layer weights. Returns contiguous
+    (q, k, v, g, b, w, z): q, k, v, z [B, kd|vd] in y1's dtype, the gates g, b, w in fp32.
+
+    One launch instead of two: programs of one sequence's channel blocks run the conv and the b, w gates,
+    programs of [BM sequences, BN channels] tiles the low-rank products for f (on to the log decay) and z.
+    """
+    R = low_rank.shape[1]
+    F0 = 3 * kd + 2 * vd
+    B = y1.shape[0]
+    BN = 32
+    if (not use_triton(y1) or B > LOW_RANK_MAX_M or kd % BN or vd % BN or R & (R - 1) or R < 16
+            or y1.stride(-1) != 1):
+        y2 = low_rank_up_reference(y1[:, F0:F0 + 2 * R], low_rank, kd)
+        q, k, v, g, b, w = decode_inputs(y1, y2, window, taps, conv_bias, kd, vd, A_log, dt_bias, allow_neg_eigval)
+        return q, k, v, g, b, w, y2[:, kd:].contiguous()
+    W = window.shape[-1]
+    sizes = (kd, kd, vd, kd, vd, kd)
+    out = torch.empty(B * sum(sizes[:3]), dtype=y1.dtype, device=y1.device)
+    gout = torch.empty(B * sum(sizes[3:]), dtype=torch.float32, device=y1.device)
+    z = torch.empty(B, vd, dtype=y1.dtype, device=y1.device)
+    NB = triton.cdiv(F0, INPUTS_BLOCK)
+    BM = min(64, max(16, triton.next_power_of_2(B)))
+    dot_programs = triton.cdiv(B, BM) * ((kd + vd) // BN)
+    _decode_inputs_kernel[(B * NB + dot_programs,)](
+        y1, y1, window, taps, taps if conv_bias is None else conv_bias, A_log, dt_bias, out, gout,
+        low_rank.contiguous(), z, y1.stride(0), 0, B, B * NB, KD=kd, VD=vd, HK=kd // A_log.shape[0], W=W,
+        WP=triton.next_power_of_2(W), BLOCK=INPUTS_BLOCK, NB=NB, CBIAS=conv_bias is not None, GATES=True,
+        NEG_EIG=allow_neg_eigval, LOW_RANK=True, R=R, BM=BM, BN=BN, num_warps=4, **pdl.launch_options(y1.device))
+    planes = out.split([B * n for n in sizes[:3]]) + gout.split([B * n for n in sizes[3:]])
+    q, k, v, b, w, g = (p.view(B, n) for p, n in zip(planes, sizes, strict=True))
+    return q, k, v, g, b, w, z
