@@ -146,3 +146,13 @@ def test_low_rank_up(M: int, dtype: torch.dtype):
     assert got.shape == (M, 160) and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 8e-3   # bf16: one rounding of the fp32 sum
     torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
+
+
+def test_glue_warps_table_overrides_the_rule_on_its_card_only(monkeypatch):
+    dev = torch.device(DEV)
+    assert glue._warps(8192, "swiglu", dev) == 16 and glue._warps(2048, "gated_norm", dev) == 4   # the rule
+    monkeypatch.setattr(glue, "GLUE_WARPS", {glue.card_name(dev): {"swiglu": 2}, "another card": {"gated_norm": 8}})
+    assert glue._warps(8192, "swiglu", dev) == 2
+    assert glue._warps(2048, "gated_norm", dev) == 4
+    y = _rand(3, 2 * 80, seed=11)
+    _same(glue.swiglu(y), glue.swiglu_reference(y))
