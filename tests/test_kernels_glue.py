@@ -169,3 +169,13 @@ def test_decode_inputs_low_rank(B: int, neg: bool, conv_bias: bool):
     for x, r in zip(got, ref, strict=True):
         assert x.is_contiguous() and x.shape == r.shape and x.dtype == r.dtype
         torch.testing.assert_close(x.float(), r.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_glue_warps_table_overrides_the_rule_on_its_card_only(monkeypatch):
+    dev = torch.device(DEV)
+    assert glue._warps(8192, "swiglu", dev) == 16 and glue._warps(2048, "gated_norm", dev) == 4   # the rule
+    monkeypatch.setattr(glue, "GLUE_WARPS", {glue.card_name(dev): {"swiglu": 2}, "another card": {"gated_norm": 8}})
+    assert glue._warps(8192, "swiglu", dev) == 2
+    assert glue._warps(2048, "gated_norm", dev) == 4
+    y = _rand(3, 2 * 80, seed=11)
+    _same(glue.swiglu(y), glue.swiglu_reference(y))

@@ -6,7 +6,9 @@ and an int8 state at --batch, captures one decode step of all layers in a CUDA g
 (median of 5 runs of 200 replays) with: gemm_config's rule for every projection, then one projection's launch
 changed at a time (block_n, pipeline stages, K splits for o_proj and down, whose partials the next norm sums),
 then the STEP_TUNED table as it stands. A variant that fails to compile or launch is a failed row. GPU only.
-Writes gemm-in-step-<card>.json to --out. Usage: python tools/tune_gemm_in_step.py [--batch 64] [--out DIR]
+With --glue it sweeps the warps of the one-row-per-program glue kernels instead (gdn2q.kernels.glue.GLUE_WARPS,
+which both recipes use). Writes gemm-in-step-<card>.json (glue-in-step-<card>.json) to --out.
+Usage: python tools/tune_gemm_in_step.py [--batch 64] [--glue] [--out DIR]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gdn2q.kernels import fp8_gemm, pdl  # noqa: E402
+from gdn2q.kernels import fp8_gemm, glue, pdl  # noqa: E402
 from gdn2q.kernels.bench import CONFIG_1B3, KernelLM, _timed, capture_graph, random_model  # noqa: E402
 from gdn2q.quant.state import StateQuantConfig  # noqa: E402
 
@@ -37,6 +39,7 @@ WIDE = [{"block_n": 32}, {"block_n": 128}, {"num_stages": 4}, {"num_stages": 6},
 SPLIT = [{"splits": 2}, {"splits": 3}, {"splits": 8}, {"block_n": 32, "splits": 2}, {"block_n": 128, "splits": 8},
          {"num_stages": 4}]
 VARIANTS = {"in_proj": WIDE, "gate_up": WIDE, "o_proj": SPLIT, "down": SPLIT}
+GLUE = {"add_rms_norm": (2, 4, 16), "gated_norm": (1, 2, 8, 16), "swiglu": (4, 8)}   # the rule: 8, 4, 16
 
 
 def step_ms(lm: KernelLM, tok: torch.Tensor) -> float:
@@ -47,6 +50,7 @@ def step_ms(lm: KernelLM, tok: torch.Tensor) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--glue", action="store_true", help="sweep the glue kernels' warps instead of the GEMMs")
     p.add_argument("--out", default="docs/benchmarks")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -54,12 +58,14 @@ def main() -> None:
     model = random_model(CONFIG_1B3).to("cuda").to_dtype(torch.bfloat16).eval()
     tok = torch.randint(0, c.vocab_size, (args.batch,), device="cuda")
     card = torch.cuda.get_device_name()
-    table = dict(fp8_gemm.STEP_TUNED)
+    module, name = (glue, "GLUE_WARPS") if args.glue else (fp8_gemm, "STEP_TUNED")
+    table = dict(getattr(module, name))
     rows = []
 
-    def run(name: str, entries: dict) -> None:
-        fp8_gemm.STEP_TUNED = {card: entries}
-        row = {"variant": name, "launch": {f"{n}x{k}": v for (n, k), v in entries.items()}}
+    def run(variant: str, entries: dict) -> None:
+        setattr(module, name, {card: entries})
+        row = {"variant": variant, "launch": {k if isinstance(k, str) else f"{k[0]}x{k[1]}": v
+                                              for k, v in entries.items()}}
         try:
             row["ms"] = round(step_ms(lm, tok), 4)
         except Exception as e:  # a launch this card cannot compile or run is a row too
@@ -70,13 +76,18 @@ def main() -> None:
     with pdl.setting(True):
         lm = KernelLM(model, args.batch, StateQuantConfig("int8"), "fp8")
         run("rule", {})
-        for shape, variants in VARIANTS.items():
-            for var in variants:
-                run(shape, {SHAPES[shape]: var})
-        run("STEP_TUNED", table.get(card, {}))
+        if args.glue:
+            for kernel, warps in GLUE.items():
+                for w in warps:
+                    run(kernel, {kernel: w})
+        else:
+            for shape, variants in VARIANTS.items():
+                for var in variants:
+                    run(shape, {SHAPES[shape]: var})
+        run(name, table.get(card, {}))
         run("rule", {})
-    fp8_gemm.STEP_TUNED = table
-    out = Path(args.out) / f"gemm-in-step-{card.replace(' ', '-')}.json"
+    setattr(module, name, table)
+    out = Path(args.out) / f"{'glue' if args.glue else 'gemm'}-in-step-{card.replace(' ', '-')}.json"
     meta = {"card": card, "batch": args.batch, "recipe": "fp8", "state": "int8", "pdl": True,
             "torch": torch.__version__, "triton": triton.__version__}
     out.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from gdn2q.kernels import pdl
 from gdn2q.kernels.decode import gates_from_preactivations
+from gdn2q.kernels.fp8_gemm import card_name
 from gdn2q.kernels.fp8_linear import FP8, Fp8Rows, quantize_rows_reference
 from gdn2q.kernels.reference import gates
 from gdn2q.kernels.state_io import INTERPRETED, fp8_ulp, rne
@@ -44,9 +45,14 @@ def use_triton(x: torch.Tensor) -> bool:
     return available() and (x.is_cuda or interp)
 
 
-def _warps(n: int) -> int:
-    """About 16 elements per thread for a one-row-per-program kernel over n padded elements."""
-    return max(1, min(16, n // 512))
+# num_warps of the one-row-per-program kernels, by card and kernel, where a sweep inside the graphed decode step
+# measured a better one than the rule of _warps (tools/tune_gemm_in_step.py --glue).
+GLUE_WARPS: dict[str, dict[str, int]] = {}
+
+
+def _warps(n: int, kernel: str, device: torch.device) -> int:
+    """:data:`GLUE_WARPS`' entry, else about 16 elements per thread over n padded elements."""
+    return GLUE_WARPS.get(card_name(device), {}).get(kernel) or max(1, min(16, n // 512))
 
 
 # ---- PyTorch references ----
@@ -333,7 +339,7 @@ def quantize_rows_fp8(x: torch.Tensor) -> Fp8Rows:
     M, N = x.shape
     codes, scales = _rows_out(x, M, N, True)
     BN = triton.next_power_of_2(N)
-    _quantize_kernel[(M,)](x, codes, scales, x.stride(0), N=N, BN=BN, num_warps=_warps(BN))
+    _quantize_kernel[(M,)](x, codes, scales, x.stride(0), N=N, BN=BN, num_warps=_warps(BN, "quantize", x.device))
     return codes, scales
 
 
@@ -351,8 +357,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     BD = triton.next_power_of_2(D)
     d = x if delta is None else delta.contiguous()
     _add_rms_norm_kernel[(M,)](x, d, weight, out, scales, M * D, eps, D=D, BD=BD, ADD=delta is not None,
-                               S=d.shape[0] if d.dim() == 3 else 1, FP8=fp8, num_warps=_warps(BD),
-                               **pdl.launch_options(x.device))
+                               S=d.shape[0] if d.dim() == 3 else 1, FP8=fp8,
+                               num_warps=_warps(BD, "add_rms_norm", x.device), **pdl.launch_options(x.device))
     return (out, scales) if fp8 else out
 
 
@@ -372,7 +378,7 @@ def gated_rms_norm_rows(o: torch.Tensor, z: torch.Tensor, z_bias: torch.Tensor |
     HP, VP = triton.next_power_of_2(HV), triton.next_power_of_2(V)
     _gated_norm_kernel[(M,)](o, z, z if z_bias is None else z_bias, weight, out, scales, z.stride(0), eps, HV=HV,
                              V=V, HP=HP, VP=VP, BIAS=z_bias is not None, SIGMOID=activation == "sigmoid", FP8=fp8,
-                             num_warps=_warps(HP * VP), **pdl.launch_options(o.device))
+                             num_warps=_warps(HP * VP, "gated_norm", o.device), **pdl.launch_options(o.device))
     return (out, scales) if fp8 else out
 
 
@@ -384,7 +390,8 @@ def swiglu(y: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Rows:
     M, I = y.shape[0], y.shape[1] // 2
     out, scales = _rows_out(y, M, I, fp8)
     BI = triton.next_power_of_2(I)
-    _swiglu_kernel[(M,)](y, out, scales, I=I, BI=BI, FP8=fp8, num_warps=_warps(BI), **pdl.launch_options(y.device))
+    _swiglu_kernel[(M,)](y, out, scales, I=I, BI=BI, FP8=fp8, num_warps=_warps(BI, "swiglu", y.device),
+                         **pdl.launch_options(y.device))
     return (out, scales) if fp8 else out
 
 
