@@ -65,6 +65,7 @@ def test_bench_model_times_the_step_with_and_without_pdl():
     r = bench_model(cfg, batch=2, state="int8", recipe="bf16", prompt_len=8, decode_reps=1, device="cpu",
                     pdl_mode="both")
     assert r["pdl"] is False   # CPU: nothing to launch early
-    assert r["decode_step_ms_pdl_off"] > 0 and r["decode_step_ms"] == r["decode_step_ms_pdl_on"] > 0
+    assert r["decode_step_ms_pdl_off"] > 0 and r["decode_step_ms_pdl_on"] > 0
+    assert r["decode_step_ms"] == min(r["decode_step_ms_pdl_off"], r["decode_step_ms_pdl_on"])   # the faster
     with pytest.raises(ValueError, match="pdl_mode"):
         bench_model(cfg, pdl_mode="maybe", device="cpu")

@@ -35,8 +35,9 @@ def bench(
     baseline: Annotated[bool, typer.Option(help="Also run bf16 weights + fp32 state in the same process and "
                                                 "report the speedup.")] = False,
     pdl: Annotated[str | None, typer.Option(help="Programmatic dependent launch in the decode step (Hopper): on, "
-                                                 "off, or both (time the step each way). Default: on where "
-                                                 "supported; GDN2Q_PDL=0 turns it off.")] = None,
+                                                 "off, or both (time the step each way and report the "
+                                                 "faster). Default: on where supported; GDN2Q_PDL=0 turns "
+                                                 "it off.")] = None,
     save: Annotated[Path | None, typer.Option(help="Also write the result as JSON to this file.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -85,15 +86,16 @@ def bench(
         print_json(result)
         return
     table = Table(title=f"gdn2q bench on {rows[0]['card']} (backend: {rows[0]['backend']}, "
-                        f"CUDA graph: {rows[0]['cuda_graph']}, PDL: {rows[0]['pdl']})")
-    for col in ("weights", "state", "batch", "layers", "decode tok/s", "step ms", "prefill tok/s"):
+                        f"CUDA graph: {rows[0]['cuda_graph']})")
+    for col in ("weights", "state", "batch", "layers", "decode tok/s", "step ms", "PDL", "prefill tok/s"):
         table.add_column(col, justify="left" if col in ("weights", "state") else "right")
     for r in rows:
         table.add_row(r["recipe"], StateQuantConfig(**r["state"]).label, str(r["batch"]), str(r["layers"]),
-                      f"{r['decode_tok_s']:,.0f}", f"{r['decode_step_ms']:.3f}", f"{r['prefill_tok_s']:,.0f}")
+                      f"{r['decode_tok_s']:,.0f}", f"{r['decode_step_ms']:.3f}", "on" if r["pdl"] else "off",
+                      f"{r['prefill_tok_s']:,.0f}")
     console.print(table)
     for r in rows:
-        if "decode_step_ms_pdl_off" in r and r["pdl"]:
+        if "decode_step_ms_pdl_off" in r:
             console.print(f"{r['recipe']} weights: decode step {r['decode_step_ms_pdl_off']:.3f} ms without PDL, "
                           f"{r['decode_step_ms_pdl_on']:.3f} ms with it")
     if baseline:
