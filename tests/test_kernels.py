@@ -143,6 +143,46 @@ def test_decode_fused_gates(neg: bool):
     _assert_states_close(pk, pr, fmt, SLOTS)
 
 
+def _assert_fp8_rows_close(kern, ref):
+    """e4m3 rows (codes, scales): scales equal to fp32 rounding, codes at most one e4m3 step apart."""
+    (kc, ks), (rc, rs) = kern, ref
+    assert kc.dtype == rc.dtype == torch.float8_e4m3fn and kc.shape == rc.shape and ks.shape == rs.shape
+    torch.testing.assert_close(ks.cpu(), rs.cpu(), rtol=1e-5, atol=0)
+    a, c = kc.cpu().float(), rc.cpu().float()
+    big = torch.maximum(a.abs(), c.abs())
+    step = torch.where(big >= 2 ** -6, torch.exp2(torch.floor(torch.log2(big.clamp_min(2 ** -6))) - 3), 2 ** -9)
+    assert torch.all((a - c).abs() <= step)
+    assert (a != c).float().mean() < 0.05   # rounding ties of slightly different fp32 sums only
+
+
+@pytest.mark.parametrize("fmt,activation,bias,launch", [
+    (StateQuantConfig("int8"), "sigmoid", False, {}),
+    (StateQuantConfig("fp8"), "swish", True, {"block_k": 8}),
+    (StateQuantConfig("int8", granularity="head"), "swish", False, {"programs_per_sm": 1}),
+], ids=["int8-sigmoid", "fp8-swish-bias-bk8", "int8-head-persistent"])
+def test_decode_output_norm_matches_reference(fmt: StateQuantConfig, activation: str, bias: bool, launch: dict):
+    """The gated RMSNorm fused into the int8/fp8 decode kernel: e4m3 rows with one scale per (sequence, head)
+    against the reference decode followed by the reference norm and block quantization; padding rows are 0."""
+    from gdn2q.kernels import OutputNorm
+    from gdn2q.kernels.decode import decode_triton
+
+    gen = torch.Generator().manual_seed(21)
+    pk, pr = _fill_pool(fmt, gen)
+    slots = torch.tensor(SLOTS, device=DEV)
+    inputs = _step_inputs(gen)
+    z = (torch.randn(B, HV * V, generator=gen) * 2).to(DEV)
+    norm = OutputNorm(z, (torch.randn(HV * V, generator=gen)).to(DEV) if bias else None,
+                      (torch.rand(V, generator=gen) + 0.5).to(DEV), 1e-6, activation)
+    got = decode_triton(*inputs, pk, slots, fmt, out_norm=norm, **launch)
+    ref = decode_step(*inputs, pr, slots, fmt, out_norm=norm, force="torch")
+    assert got[0].shape == (B, HV * V) and got[1].shape == (B, HV)
+    _assert_fp8_rows_close(got, ref)
+    assert torch.all(got[0][1].float() == 0)
+    _assert_states_close(pk, pr, fmt, SLOTS)
+    with pytest.raises(ValueError, match="out_norm"):
+        decode_step(*inputs, pk, slots, StateQuantConfig("bf16"), out_norm=norm)
+
+
 @pytest.mark.parametrize("dtype", ["int8", "fp8"])
 def test_decode_stochastic_rounding(dtype: str):
     """Codes bracket the exact value (within one grid step), differ between seeds, repeat for one seed."""

@@ -25,7 +25,9 @@ pytestmark = [pytest.mark.skipif(not glue.use_triton(torch.empty(0, device="cuda
                                                                   else "cpu")), reason="Triton cannot run here"),
               pytest.mark.usefixtures("poisoned_empty")]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-fp8_linear = importlib.import_module("gdn2q.kernels.fp8_linear")   # the package exports a function of that name
+fp8_linear = importlib.import_module("gdn2q.kernels.fp8_linear")
+kernel_bench = importlib.import_module("gdn2q.kernels.bench")
+_real_config = fp8_gemm.gemm_config   # the package exports a function of that name
 # The interpreter multiplies in fp32; Hopper's fp8 wgmma sums each K tile with fewer mantissa bits than fp32.
 TOL = 1e-5 if os.environ.get("TRITON_INTERPRET") == "1" else 2 ** -11
 
@@ -56,6 +58,27 @@ def test_fp8_gemm_matches_fp32_product(M: int, N: int, K: int, overrides: dict, 
         assert y.shape == (splits, M, N) and y.dtype == torch.float32
         y = y.sum(0)
     torch.testing.assert_close(y.double(), ref, rtol=TOL, atol=TOL / 10 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize(("M", "K", "block", "overrides"), [
+    (5, 256, 64, {"block_k": 32, "splits": 3}),   # 2 K tiles per block, a split ends inside a block
+    (64, 256, 128, {"block_k": 64, "splits": 1}),
+])
+def test_fp8_gemm_with_block_scaled_activations(M: int, K: int, block: int, overrides: dict):
+    """Activations with one scale per row and block of columns: each K tile's sum times its block's scales."""
+    N = 48
+    g = torch.Generator().manual_seed(M + K)
+    x = torch.randn(M, K, generator=g) * torch.logspace(-2, 1, K // block).repeat_interleave(block)
+    xq, xs = fp8_linear.quantize_blocks_reference(x, block)
+    assert xs.shape == (M, K // block)
+    _, _, wq, ws, _ = _operands(M, N, K, seed=3)
+    ref = fp8_linear.dequantize_rows(xq, xs).double() @ (wq.cpu().double() * ws.cpu().double()[:, None]).t()
+    y = fp8_gemm.fp8_gemm(xq.to(DEV), xs.to(DEV), wq, ws, torch.float32, partials=True, **overrides)
+    y = y.sum(0) if y.dim() == 3 else y
+    ref = ref.to(DEV)
+    torch.testing.assert_close(y.double(), ref, rtol=TOL, atol=TOL / 10 * ref.abs().max().item())
+    with pytest.raises(ValueError, match="K tiles"):
+        fp8_gemm.fp8_gemm(xq.to(DEV), xs.to(DEV), wq, ws, torch.float32, block_k=2 * block)
 
 
 def test_fp8_gemm_without_partials_never_splits_and_writes_out_dtype():
@@ -149,3 +172,38 @@ def test_kernel_lm_with_the_triton_gemm_and_split_partials(monkeypatch):
     assert 1 in splits_seen and 2 in splits_seen
     for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g, r, rtol=10 * TOL, atol=10 * TOL)
+
+
+def test_kernel_lm_with_the_output_norm_in_the_int8_decode_kernel(monkeypatch):
+    """fp8 recipe with an int8 state: the decode kernel hands o_proj e4m3 rows with one scale per (token,
+    head), which the Triton GEMM applies per K tile; the logits match the same recipe run on the references
+    (PyTorch decode, norm, block quantization and products)."""
+    import gdn2q.kernels as kernels
+
+    model = _model().to(DEV)
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(2)).to(DEV)
+    fmt = StateQuantConfig("int8")
+    with torch.no_grad(), monkeypatch.context() as mp:
+        mp.setattr(kernels, "backend", lambda *a, **k: "torch")
+        mp.setattr(glue, "use_triton", lambda x: False)
+        mp.setattr(fp8_linear, "_triton_gemm_ok", lambda x: False)
+        mp.setattr(fp8_linear, "_scaled_mm_ok", lambda x, N: False)
+        want = KernelLM(model, batch=2, fmt=fmt, recipe="fp8")
+        ref = [want.prefill(ids[:, :6]), want.decode(ids[:, 6]), want.decode(ids[:, 7])]
+    calls = []
+    real_decode = kernels.decode_step
+
+    def spy(*a, out_norm=None, **k):
+        calls.append(out_norm is not None)
+        return real_decode(*a, out_norm=out_norm, **k)
+
+    monkeypatch.setattr(fp8_linear, "_triton_gemm_ok", lambda x: x.shape[0] <= fp8_linear.GEMM_MAX_M)
+    monkeypatch.setattr(fp8_gemm, "gemm_config", lambda M, N, K, sms, **kw: _real_config(M, N, K, sms, block_k=32,
+                                                                                          **kw))
+    monkeypatch.setattr(kernel_bench, "decode_step", spy)
+    with torch.no_grad():
+        lm = KernelLM(model, batch=2, fmt=fmt, recipe="fp8")
+        got = [lm.prefill(ids[:, :6]), lm.decode(ids[:, 6]), lm.decode(ids[:, 7])]
+    assert calls and all(calls)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-3)

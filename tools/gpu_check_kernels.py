@@ -1,6 +1,7 @@
 """Full-shape GPU correctness check of gdn2q.kernels against the PyTorch reference (run on the device).
 
-Decode at B=64, H=16, K=V=128 for every state format and the fused-gate entry; prefill at 2x1000 (fp32
+Decode at B=64, H=16, K=V=128 for every state format, the fused-gate entry and the fused output norm (e4m3
+rows for o_proj, compared in e4m3 steps); prefill at 2x1000 (fp32
 inputs: isolates the kernel's arithmetic) and 1x8192 (bf16 inputs, as deployed). Fresh random inputs,
 poisoned outputs, a permuted slot map with a padding slot. Errors are reported as
 max|diff| / max|ref| (outputs, fp32 states) or in steps of the storage grid (stored states).
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gdn2q.kernels import chunk_prefill, decode_step, new_state_pool  # noqa: E402
+from gdn2q.kernels import OutputNorm, chunk_prefill, decode_step, new_state_pool  # noqa: E402
 from gdn2q.kernels.prefill import default_dot, prefill_triton  # noqa: E402
 from gdn2q.kernels.reference import gates  # noqa: E402
 from gdn2q.quant.state import StateQuantConfig, quantize_state  # noqa: E402
@@ -63,7 +64,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def check_decode(fmt: StateQuantConfig, B: int = 64, fused: bool = False, seed: int = 0) -> dict:
+def fp8_steps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference of two e4m3 code tensors in steps of the e4m3 grid at the larger magnitude."""
+    a, b = a.float(), b.float()
+    big = torch.maximum(a.abs(), b.abs())
+    step = torch.where(big >= 2 ** -6, torch.exp2(torch.floor(torch.log2(big.clamp_min(2 ** -6))) - 3), 2 ** -9)
+    return ((a - b).abs() / step).max().item()
+
+
+def check_decode(fmt: StateQuantConfig, B: int = 64, fused: bool = False, seed: int = 0,
+                 out_norm: bool = False) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     P = B + 8
     pk, pr = _pools(fmt, P, gen)
@@ -84,10 +94,22 @@ def check_decode(fmt: StateQuantConfig, B: int = 64, fused: bool = False, seed: 
         g, b, w = r(H, K) * 2, r(H, K) * 2, r(H, V) * 2
     static = torch.rand(H, K, device="cuda", generator=gen) * 0.05 + 0.02 if fmt.scales == "static" else None
     out = torch.full((B, H, V), float("nan"), device="cuda", dtype=v.dtype)
-    decode_step(q, k, v, g, b, w, pk, slots, fmt, static_scales=static, out=out, force="triton", **kw)
+    if out_norm:   # the gated RMSNorm inside the kernel: e4m3 rows, one scale per (sequence, head)
+        norm = OutputNorm(r(H * V).bfloat16(), None, (torch.rand(V, device="cuda", generator=gen) + 0.5).bfloat16(),
+                          1e-6, "sigmoid")
+        codes, scales = decode_step(q, k, v, g, b, w, pk, slots, fmt, static_scales=static, force="triton",
+                                    out_norm=norm, **kw)
+        out = codes.float().view(B, H, V) * scales[..., None]
+    else:
+        decode_step(q, k, v, g, b, w, pk, slots, fmt, static_scales=static, out=out, force="triton", **kw)
     if fused:
         g, b, w = gates(g, b, w, kw["A_log"], kw["dt_bias"])
-    ref = decode_step(q, k, v, g, b, w, pr, slots, fmt, static_scales=static, force="torch")
+    if out_norm:
+        ref_codes, ref_scales = decode_step(q, k, v, g, b, w, pr, slots, fmt, static_scales=static, force="torch",
+                                            out_norm=norm)
+        ref = ref_codes.float().view(B, H, V) * ref_scales[..., None]
+    else:
+        ref = decode_step(q, k, v, g, b, w, pr, slots, fmt, static_scales=static, force="torch")
     touched = slots[slots >= 0]
     o_err = _rel(out, ref)
     s_err = state_error(pk, pr, fmt, touched)
@@ -98,8 +120,14 @@ def check_decode(fmt: StateQuantConfig, B: int = 64, fused: bool = False, seed: 
     # o is bf16 here: its own rounding (2^-8 relative) bounds the agreement
     padded_zero = pad is None or bool((out[pad] == 0).all())
     ok = bool(not out.isnan().any() and o_err <= 8e-3 and s_err <= lim and same and padded_zero)
-    return {"check": "decode" + ("-fused" if fused else ""), "state": "-".join(fmt.to_dict().values()), "B": B,
-            "o_err": o_err, "state_err": s_err, "ok": ok}
+    row = {"check": "decode" + ("-fused" if fused else "") + ("-out-norm" if out_norm else ""),
+           "state": "-".join(fmt.to_dict().values()), "B": B, "o_err": o_err, "state_err": s_err}
+    if out_norm:   # the reference normalizes o rounded to bf16, the kernel its fp32 value: ties may differ
+        row["code_steps"] = fp8_steps(codes, ref_codes)
+        row["scale_err"] = _rel(scales, ref_scales)
+        ok = bool(not out.isnan().any() and row["code_steps"] <= 1.0 and row["scale_err"] <= 8e-3
+                  and s_err <= lim and same and padded_zero)
+    return {**row, "ok": ok}
 
 
 def check_prefill(fmt: StateQuantConfig, B: int, T: int, dtype: torch.dtype, dot: str | None = None,
@@ -175,6 +203,8 @@ def run_decode() -> list[dict]:
     rows += [_guarded(check_decode, StateQuantConfig(d), B=256) for d in ("int8", "fp8", "bf16", "fp32")]
     rows += [_guarded(check_decode, StateQuantConfig(d), B=B) for d in ("int8", "fp8") for B in (1, 8)]  # few tiles
     rows.append(_guarded(check_decode, StateQuantConfig("int8"), fused=True))
+    rows += [_guarded(check_decode, StateQuantConfig(d), B=B, out_norm=True)
+             for d in ("int8", "fp8") for B in (64, 256)]
     return rows
 
 

@@ -11,10 +11,12 @@ in 16..256 and the format has no packed 4-bit residual, else the PyTorch referen
 :mod:`gdn2q.kernels.reference`; :func:`backend` says which one runs):
 
 - ``decode_step(q, k, v, g, b, w, pool, slots, fmt)``: one token, q, k, g, b [B, HQ, K], v, w [B, HV, V];
-  returns o [B, HV, V]. With ``A_log`` [HQ] and ``dt_bias`` [HQ*K] given, g, b, w are taken as
-  pre-activations (f_proj output, b_proj, w_proj outputs) and the gates are computed inside the kernel
-  (once per tile for int8/fp8 states, once per V block of a tile for fp32/bf16: where the gates can be
-  computed once per channel upstream, as :func:`gdn2q.kernels.glue.decode_inputs` does, that is cheaper).
+  returns o [B, HV, V]; with ``out_norm`` (:class:`OutputNorm`, int8/fp8 states) its gated RMSNorm as
+  o_proj's e4m3 input (codes [B, HV*V], one scale per sequence and value head). With ``A_log`` [HQ] and
+  ``dt_bias`` [HQ*K] given, g, b, w are taken as pre-activations (f_proj output, b_proj, w_proj outputs)
+  and the gates are computed inside the kernel (once per tile for int8/fp8 states, once per V block of a
+  tile for fp32/bf16: where the gates can be computed once per channel upstream, as
+  :func:`gdn2q.kernels.glue.decode_inputs` does, that is cheaper).
 - ``chunk_prefill(q, k, v, g, b, w, pool, slots, fmt, initial=True)``: T tokens, [B, T, H, D] inputs
   (g, b, w already activated); starts from pool[slots] (or zeros when ``initial=False``) and leaves the
   final state stored in ``fmt``; returns o [B, T, HV, V].
@@ -32,11 +34,11 @@ import os
 import torch
 
 from gdn2q.kernels.fp8_linear import Fp8Linear, fp8_linear, quantize_weight_fp8
-from gdn2q.kernels.reference import decode_reference, gates, prefill_reference
+from gdn2q.kernels.reference import OutputNorm, decode_reference, gates, output_norm_reference, prefill_reference
 from gdn2q.quant.state import QuantizedState, StateQuantConfig
 
-__all__ = ["Fp8Linear", "available", "backend", "chunk_prefill", "decode_step", "fp8_linear", "new_state_pool",
-           "quantize_weight_fp8"]
+__all__ = ["Fp8Linear", "OutputNorm", "available", "backend", "chunk_prefill", "decode_step", "fp8_linear",
+           "new_state_pool", "quantize_weight_fp8"]
 
 
 def available() -> bool:
@@ -87,18 +89,22 @@ def decode_step(
     dt_bias: torch.Tensor | None = None, allow_neg_eigval: bool = False, scale: float | None = None,
     use_qk_l2norm: bool = True, static_scales: torch.Tensor | None = None,
     seed: int | torch.Tensor | None = None, out: torch.Tensor | None = None, force: str | None = None,
-) -> torch.Tensor:
-    """One decode token for B sequences, updating pool[slots] in place; returns o [B, HV, V].
+    out_norm: OutputNorm | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One decode token for B sequences, updating pool[slots] in place; returns o [B, HV, V] (with
+    ``out_norm``, an int8/fp8 state and no ``out``: the e4m3 rows and scales of its gated RMSNorm).
 
     ``force`` ("triton" | "torch") overrides the dispatch (tests and benchmarks).
     """
+    if out_norm is not None and (not fmt.quantized or out is not None):
+        raise ValueError("out_norm needs an int8/fp8 state and no out buffer")
     which = force or backend(q, k.shape[-1], v.shape[-1], fmt)
     if which == "triton":
         from gdn2q.kernels.decode import decode_triton
 
         o = decode_triton(q, k, v, g, b, w, pool, slots, fmt, A_log=A_log, dt_bias=dt_bias,
                           allow_neg_eigval=allow_neg_eigval, scale=scale, use_qk_l2norm=use_qk_l2norm,
-                          static_scales=static_scales, seed=seed, out=out)
+                          static_scales=static_scales, seed=seed, out=out, out_norm=out_norm)
         if fmt.rounding == "stochastic":
             _bump(seed)
         return o
@@ -106,6 +112,8 @@ def decode_step(
         g, b, w = gates(g, b, w, A_log, dt_bias, allow_neg_eigval)
     o = decode_reference(q, k, v, g, b, w, pool, slots, fmt, scale=scale, use_qk_l2norm=use_qk_l2norm,
                          static_scales=static_scales)
+    if out_norm is not None:
+        return output_norm_reference(o, out_norm)
     return o if out is None else out.copy_(o)
 
 

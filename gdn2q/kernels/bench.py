@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gdn2q.config import GDN2Config
-from gdn2q.kernels import backend, chunk_prefill, decode_step, new_state_pool, pdl
+from gdn2q.kernels import OutputNorm, backend, chunk_prefill, decode_step, new_state_pool, pdl
 from gdn2q.kernels.fp8_linear import Fp8Rows, fp8_matmul, quantize_weight_fp8
 from gdn2q.kernels.glue import add_rms_norm, decode_inputs_low_rank, gated_rms_norm_rows, low_rank_up, swiglu
 from gdn2q.kernels.reference import gates
@@ -103,7 +103,9 @@ class KernelLM:
 
     recipe "fp8": every projection that reads the hidden state or feeds the residual (the fused in-projection
     including the low-rank f/g first layers, o_proj, gate|up, down) as e4m3 with row scales and per-token
-    activation scales; the low-rank second layers and lm_head stay in the model dtype.
+    activation scales; the low-rank second layers and lm_head stay in the model dtype. With an int8/fp8 state
+    the decode kernel also runs the gated output norm and hands o_proj e4m3 rows with one scale per token and
+    value head (:class:`gdn2q.kernels.OutputNorm`): one launch less per layer.
     """
 
     def __init__(self, model: GDN2ForCausalLM, batch: int, fmt: StateQuantConfig, recipe: str = "bf16"):
@@ -123,14 +125,16 @@ class KernelLM:
 
     def _block(self, i: int, x: torch.Tensor, delta: torch.Tensor | None, mixer) -> torch.Tensor:
         """Block i on residual rows x [M, d] (``x += delta`` first, in place); returns its MLP output (maybe as
-        split-K partials [S, M, d]), which the next norm adds. ``mixer(i, L, y1)`` runs the low-rank layers and
-        the recurrence on the fused projections -> (o [M, HV, V], z [M, vd])."""
+        split-K partials [S, M, d]), which the next norm adds. ``mixer(i, L, y1)`` runs the low-rank layers,
+        the recurrence and the gated output norm on the fused projections -> o_proj's input rows."""
         c, fp8, L = self.c, self.fp8, self.layers[i]
         y1 = L.in_proj(add_rms_norm(x, delta, L.attn_norm, c.norm_eps, fp8))
-        o, z = mixer(i, L, y1)
-        o = gated_rms_norm_rows(o, z, L.z_bias, L.o_norm, c.norm_eps, c.output_gate_activation, fp8)
-        delta = L.o_proj(o, partials=True)
+        delta = L.o_proj(mixer(i, L, y1), partials=True)
         return L.down(swiglu(L.gate_up(add_rms_norm(x, delta, L.mlp_norm, c.norm_eps, fp8)), fp8), partials=True)
+
+    def _out_norm(self, L: _Layer, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor | Fp8Rows:
+        c = self.c
+        return gated_rms_norm_rows(o, z, L.z_bias, L.o_norm, c.norm_eps, c.output_gate_activation, self.fp8)
 
     def _logits(self, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
         return self.model.lm_head(add_rms_norm(x, delta, self.model.model.norm.weight, self.c.norm_eps))
@@ -141,15 +145,18 @@ class KernelLM:
         c = self.c
         B = ids.shape[0]
 
-        def mixer(i: int, L: _Layer, y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def mixer(i: int, L: _Layer, y1: torch.Tensor) -> torch.Tensor | Fp8Rows:
             # one launch for the conv, the low-rank layers and the gates (fp32, once per channel)
             q, k, v, g, b, w, z = decode_inputs_low_rank(y1, L.low_rank, self.windows[i], L.taps, L.conv_bias,
                                                          c.key_dim, c.value_dim, L.A_log, L.dt_bias,
                                                          c.allow_neg_eigval)
             qk = (B, c.num_heads, c.head_dim)
             vw = (B, c.value_heads, c.head_v_dim)
-            return decode_step(q.view(qk), k.view(qk), v.view(vw), g.view(qk), b.view(qk), w.view(vw), self.pools[i],
-                               self.slots, self.fmt), z
+            fused = self.fp8 and self.fmt.quantized   # the output norm inside the decode kernel
+            norm = OutputNorm(z, L.z_bias, L.o_norm, c.norm_eps, c.output_gate_activation) if fused else None
+            o = decode_step(q.view(qk), k.view(qk), v.view(vw), g.view(qk), b.view(qk), w.view(vw), self.pools[i],
+                            self.slots, self.fmt, out_norm=norm)
+            return o if fused else self._out_norm(L, o, z)
 
         x, delta = self.model.model.embeddings(ids), None
         for i in range(len(self.layers)):
@@ -163,7 +170,7 @@ class KernelLM:
         B, T = ids.shape
         kd, vd = c.key_dim, c.value_dim
 
-        def mixer(i: int, L: _Layer, y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def mixer(i: int, L: _Layer, y1: torch.Tensor) -> torch.Tensor | Fp8Rows:
             r0 = 3 * kd + 2 * vd
             y2 = low_rank_up(y1[:, r0:r0 + 2 * c.head_v_dim], L.low_rank, kd)
             qkv, win = causal_conv(y1[:, :2 * kd + vd].view(B, T, -1), L.taps[:, None], L.conv_bias, None)
@@ -176,7 +183,7 @@ class KernelLM:
                             c.allow_neg_eigval)
             o = chunk_prefill(q.reshape(qk), k.reshape(qk), v.reshape(vw), g, b, w, self.pools[i], self.slots,
                               self.fmt, initial=False)
-            return o.flatten(0, 1), y2[:, kd:]
+            return self._out_norm(L, o.flatten(0, 1), y2[:, kd:])
 
         x, delta = self.model.model.embeddings(ids).flatten(0, 1), None
         for i in range(len(self.layers)):

@@ -19,7 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
+from gdn2q.kernels import pdl
+from gdn2q.kernels.fp8_linear import FP8, Fp8Rows
 from gdn2q.kernels.packed import code_byte, pack_bytes, pack_fp8, unpack_fp8_word, unpack_int8_word, unpack_plane
+from gdn2q.kernels.reference import OutputNorm
 from gdn2q.kernels.state_io import (
     FP8_QMAX,
     FP8_RU,
@@ -257,13 +260,48 @@ def _abs_max4(t0, t1, t2, t3):
 
 
 @triton.jit
+def _store_output_norm(o0, o1, o2, o3, valid, z_ptrs, zb_ptrs, w_ptrs, words_ptrs, scale_ptr, eps,
+                       V: tl.constexpr, ZBIAS: tl.constexpr, SIGMOID: tl.constexpr):
+    """One value head's output row (planes p = 0..3 hold columns 4j + p) through the gated RMSNorm, stored as
+    e4m3 code words with the row's scale (absmax / 448), as quantize_blocks_reference rounds it."""
+    r = tl.rsqrt((tl.sum(o0 * o0, axis=0) + tl.sum(o1 * o1, axis=0) + tl.sum(o2 * o2, axis=0)
+                  + tl.sum(o3 * o3, axis=0)) / V + eps)
+    y0 = _gated_plane(o0, r, valid, z_ptrs, zb_ptrs, w_ptrs, 0, ZBIAS, SIGMOID)
+    y1 = _gated_plane(o1, r, valid, z_ptrs, zb_ptrs, w_ptrs, 1, ZBIAS, SIGMOID)
+    y2 = _gated_plane(o2, r, valid, z_ptrs, zb_ptrs, w_ptrs, 2, ZBIAS, SIGMOID)
+    y3 = _gated_plane(o3, r, valid, z_ptrs, zb_ptrs, w_ptrs, 3, ZBIAS, SIGMOID)
+    amax = tl.max(tl.maximum(tl.maximum(tl.abs(y0), tl.abs(y1)), tl.maximum(tl.abs(y2), tl.abs(y3))), axis=0)
+    s = tl.maximum(amax, 1e-12) / FP8_QMAX
+    tl.store(words_ptrs, pack_fp8(_clamp_fp8(y0 / s), _clamp_fp8(y1 / s), _clamp_fp8(y2 / s), _clamp_fp8(y3 / s)))
+    tl.store(scale_ptr, s)
+
+
+@triton.jit
+def _gated_plane(o, r, valid, z_ptrs, zb_ptrs, w_ptrs, p: tl.constexpr, ZBIAS: tl.constexpr,
+                 SIGMOID: tl.constexpr):
+    z = tl.load(z_ptrs + p).to(tl.float32)
+    if ZBIAS:
+        z += tl.load(zb_ptrs + p).to(tl.float32)
+    gate = tl.sigmoid(z) if SIGMOID else z * tl.sigmoid(z)
+    return tl.where(valid, o * r * tl.load(w_ptrs + p).to(tl.float32) * gate, 0.0)
+
+
+@triton.jit
+def _clamp_fp8(y):
+    return tl.minimum(tl.maximum(y, -FP8_QMAX), FP8_QMAX)
+
+
+@triton.jit
 def _decode8_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, w_ptr, alog_ptr, dtb_ptr, o_ptr,
     codes_ptr, scales_ptr, res_ptr, static_ptr, slots_ptr, seed_ptr, scratch_ptr, scale, n_tiles,
+    z_ptr, zb_ptr, nw_ptr, os_ptr, z_stride, eps,
     HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr,
     STAGES: tl.constexpr,
     FUSED: tl.constexpr, NEG_EIG: tl.constexpr, L2NORM: tl.constexpr,
     MODE: tl.constexpr, ROW: tl.constexpr, ROUND: tl.constexpr, STATIC: tl.constexpr,
+    OUT_NORM: tl.constexpr = False, ZBIAS: tl.constexpr = False, SIGMOID: tl.constexpr = False,
+    TRIGGER: tl.constexpr = False,
 ):
     """The decode step for int8/fp8 codes (see :mod:`gdn2q.kernels.packed`), one tile per (sequence, value
     head), walked by a persistent grid, in two passes over blocks of BK key rows.
@@ -276,7 +314,12 @@ def _decode8_kernel(
     the whole tile and prefetched the next), so many one-warp programs share a multiprocessor and hide each
     other's memory latency; STAGES > 1 streams each pass's blocks through shared memory ahead of their use.
     Head-granularity dynamic scales need the tile's absmax first: an extra pass.
+
+    OUT_NORM: o is the gated RMSNorm of the output row as e4m3 code words (o_ptr int32 [B, HV * V / 4]) with
+    one scale per (sequence, head) in os_ptr (:class:`gdn2q.kernels.reference.OutputNorm`). TRIGGER lets the
+    next kernel of the stream launch (programmatic dependent launch) once every program has started.
     """
+    pdl.launch_dependents(TRIGGER)
     W: tl.constexpr = V // 4
     NK: tl.constexpr = K // BK
     orow = tl.arange(0, BK)
@@ -312,11 +355,17 @@ def _decode8_kernel(
         if NK > 1:   # loaded here, they would hold registers through pass 1
             vg0, vg1, vg2, vg3 = _value_gates4(v_ptr, w_ptr, vbase, FUSED)
         u0, u1, u2, u3 = vg0 - r0, vg1 - r1, vg2 - r2, vg3 - r3
-        od = o_ptr.dtype.element_ty
-        tl.store(o_ptr + vbase + 0, tl.where(valid, o0 + qk * u0, 0.0).to(od))
-        tl.store(o_ptr + vbase + 1, tl.where(valid, o1 + qk * u1, 0.0).to(od))
-        tl.store(o_ptr + vbase + 2, tl.where(valid, o2 + qk * u2, 0.0).to(od))
-        tl.store(o_ptr + vbase + 3, tl.where(valid, o3 + qk * u3, 0.0).to(od))
+        if OUT_NORM:
+            zrow = bi.to(tl.int64) * z_stride + hv * V + om * 4
+            _store_output_norm(o0 + qk * u0, o1 + qk * u1, o2 + qk * u2, o3 + qk * u3, valid, z_ptr + zrow,
+                               zb_ptr + hv * V + om * 4, nw_ptr + om * 4, o_ptr + (bi * HV + hv) * W + om,
+                               os_ptr + bi * HV + hv, eps, V, ZBIAS, SIGMOID)
+        else:
+            od = o_ptr.dtype.element_ty
+            tl.store(o_ptr + vbase + 0, tl.where(valid, o0 + qk * u0, 0.0).to(od))
+            tl.store(o_ptr + vbase + 1, tl.where(valid, o1 + qk * u1, 0.0).to(od))
+            tl.store(o_ptr + vbase + 2, tl.where(valid, o2 + qk * u2, 0.0).to(od))
+            tl.store(o_ptr + vbase + 3, tl.where(valid, o3 + qk * u3, 0.0).to(od))
 
         qmax = INT8_QMAX if MODE == 2 else FP8_QMAX
         res_words = res_ptr + head * (K * W)
@@ -428,6 +477,9 @@ LAUNCH: dict[tuple[str, str], dict[str, int]] = {
     ("fp32", "medium"): dict(num_warps=4, block_v=64, stages=1, programs_per_sm=4),
     ("fp32", "many"): dict(num_warps=4, block_v=64, stages=1, programs_per_sm=4),
 }
+# With a fused output norm (its consumer is the o_proj GEMM, which asks L2 for its first weight tiles before
+# waiting), let that GEMM launch while the recurrence runs. UNMEASURED default.
+EARLY_DEPENDENTS = True
 TIERS = ((4, "few"), (16, "medium"))   # (heads per multiprocessor below which, tier); at or above: "many"
 
 
@@ -451,9 +503,11 @@ def decode_triton(
     pool: QuantizedState, slots: torch.Tensor, fmt: StateQuantConfig, *, A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None, allow_neg_eigval: bool = False, scale: float | None = None,
     use_qk_l2norm: bool = True, static_scales: torch.Tensor | None = None,
-    seed: int | torch.Tensor | None = None, out: torch.Tensor | None = None, **launch: int | None,
-) -> torch.Tensor:
-    """Launch the decode kernel. q, k, g, b: [B, HQ, K]; v, w: [B, HV, V]; returns o [B, HV, V].
+    seed: int | torch.Tensor | None = None, out: torch.Tensor | None = None, out_norm: OutputNorm | None = None,
+    **launch: int | None,
+) -> torch.Tensor | Fp8Rows:
+    """Launch the decode kernel. q, k, g, b: [B, HQ, K]; v, w: [B, HV, V]; returns o [B, HV, V], or with
+    ``out_norm`` (int8/fp8 states) its gated RMSNorm as e4m3 codes [B, HV * V] with scales [B, HV].
 
     ``launch`` overrides keys of :data:`LAUNCH` (benchmark sweeps): num_warps, programs_per_sm (the grid is
     persistent: at most that many programs per multiprocessor), stages (> 1 lets Triton stream the state
@@ -464,6 +518,8 @@ def decode_triton(
     HV, V = v.shape[1], v.shape[2]
     fused = A_log is not None
     q, k, v, g, b, w = (t.contiguous() for t in (q, k, v, g, b, w))
+    if out_norm is not None and (not fmt.quantized or out is not None):
+        raise ValueError("out_norm needs an int8/fp8 state and no out buffer")
     o = torch.empty_like(v) if out is None else out
     sms = _sm_count(q.device)
     lp = launch_params(fmt, B * HV, sms, **launch)
@@ -481,9 +537,20 @@ def decode_triton(
         res = pool.residual.view(torch.int32) if pool.residual is not None else words
         stat = effective_static_scales(fmt, static_scales, HV, K, q.device)
         scratch = torch.empty(grid[0], 5, K, dtype=torch.float32, device=q.device)   # per-program row terms
-        _decode8_kernel[grid](*args, words, pool.scales, res, stat, slots, seed_tensor(fmt, seed, q.device), scratch,
-                              scale, n_tiles, BK=min(K, lp["block_k"]), UNROLL=lp["unroll"], **meta,
-                              **format_constexprs(fmt))
+        norm: tuple = (q, q, q, q, 0, 0.0)
+        if out_norm is not None:
+            o = torch.empty(B, HV * V, dtype=FP8, device=q.device)
+            o_scales = torch.empty(B, HV, dtype=torch.float32, device=q.device)
+            z = out_norm.z if out_norm.z.stride(-1) == 1 else out_norm.z.contiguous()
+            zb = z if out_norm.z_bias is None else out_norm.z_bias
+            norm = (z, zb, out_norm.weight, o_scales, z.stride(0), float(out_norm.eps))
+            meta.update(OUT_NORM=True, ZBIAS=out_norm.z_bias is not None, SIGMOID=out_norm.activation == "sigmoid",
+                        TRIGGER=pdl.active(q.device) and EARLY_DEPENDENTS)
+        _decode8_kernel[grid](*args[:-1], o.view(torch.int32) if out_norm is not None else o, words, pool.scales,
+                              res, stat, slots, seed_tensor(fmt, seed, q.device), scratch, scale, n_tiles, *norm,
+                              BK=min(K, lp["block_k"]), UNROLL=lp["unroll"], **meta, **format_constexprs(fmt))
+        if out_norm is not None:
+            return o, o_scales
     else:
         _decode_kernel[grid](*args, pool.codes, slots, scale, n_tiles, BV=BV, MODE=MODES[fmt.dtype], **meta)
     return o

@@ -11,7 +11,8 @@ weight tile is loaded as stored, [BLOCK_N, BLOCK_K] with K contiguous, and only 
 Hopper's fp8 wgmma adds into its accumulator with fewer mantissa bits than fp32, and Triton's sm_90 default
 lets that run over the whole K loop; ``max_num_imprecise_acc=BLOCK_K`` adds each K tile's sum into a true fp32
 accumulator instead (as cuBLAS does without fast accumulation), a few FADDs per tile in a memory-bound kernel.
-The row scales multiply the accumulator once in the epilogue. A split-K launch writes its fp32 partial sums
+The row scales multiply the accumulator once in the epilogue; activation scales per token and block of K
+(xs [M, K / XB]) multiply each K tile's sum as it is added instead. A split-K launch writes its fp32 partial sums
 [S, M, N] (already scaled) and leaves the sum to the consumer (:func:`gdn2q.kernels.glue.add_rms_norm` reads
 them with the residual it adds them to), which costs no reduction launch and no atomics (deterministic).
 
@@ -119,8 +120,10 @@ def gemm_config(M: int, N: int, K: int, sms: int, *, allow_split: bool = True, b
 @triton.jit
 def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-                     PREFETCH: tl.constexpr = 0):
-    """One [BLOCK_M, BLOCK_N] tile of split program_id(1): out[s, m, n] for x [M, K], w [N, K] (contiguous)."""
+                     PREFETCH: tl.constexpr = 0, XB: tl.constexpr = 0):
+    """One [BLOCK_M, BLOCK_N] tile of split program_id(1): out[s, m, n] for x [M, K], w [N, K] (contiguous).
+
+    XB > 0: x has one scale per row and block of XB columns (xs [M, K / XB], XB a multiple of BLOCK_K)."""
     pdl.launch_dependents(PDL)
     pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -144,20 +147,29 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, K_SPLIT, BL
         else:
             a = tl.load(x_ptrs, mask=rk[None, :] < k_len - k, other=0.0)
             b = tl.load(w_ptrs, mask=rk[None, :] < k_len - k, other=0.0)
-        if INTERPRETED:   # the CPU interpreter has no fp8 dot; e4m3 values are exact in fp32
+        if XB > 0:   # this K tile's sum times its block's activation scales
+            sx = tl.load(xs_ptr + lm * (K // XB) + (k0 + k) // XB)[:, None]
+            if INTERPRETED:
+                acc += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee") * sx
+            else:
+                acc += tl.dot(a, tl.trans(b), max_num_imprecise_acc=BLOCK_K) * sx
+        elif INTERPRETED:   # the CPU interpreter has no fp8 dot; e4m3 values are exact in fp32
             acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
         else:   # the tile's fp8 wgmma sum is promoted into the fp32 accumulator (see the module docstring)
             acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BLOCK_K)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    y = acc * tl.load(xs_ptr + lm)[:, None] * tl.load(ws_ptr + ln)[None, :]
+    if XB == 0:
+        acc = acc * tl.load(xs_ptr + lm)[:, None]
+    y = acc * tl.load(ws_ptr + ln)[None, :]
     out = out_ptr + pid_s.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
 def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16, *, partials: bool = False, **overrides) -> torch.Tensor:
-    """(xq * xs) (wq * ws)^T for xq [M, K] e4m3 with xs [M, 1] fp32, wq [N, K] e4m3 with ws [N] fp32.
+    """(xq * xs) (wq * ws)^T for xq [M, K] e4m3 with xs [M, 1] (or per block of columns [M, K / XB]) fp32,
+    wq [N, K] e4m3 with ws [N] fp32.
 
     Returns [M, N] in ``out_dtype``; with ``partials=True`` the launch may split K and then returns the fp32
     partial sums [S, M, N], which the caller must sum over S. ``overrides`` are :func:`gemm_config` keywords.
@@ -167,13 +179,16 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Ten
     cfg = gemm_config(M, N, K, sm_count(xq.device), allow_split=partials,
                       **{**step_tuned(xq.device, M, N, K, partials), **overrides})
     xq, xs, wq, ws = xq.contiguous(), xs.float().contiguous(), wq.contiguous(), ws.float().contiguous()
+    xb = 0 if xs.shape[-1] == 1 else K // xs.shape[-1]
+    if xb and (K % xs.shape[-1] or xb % cfg.block_k):
+        raise ValueError(f"activation blocks of {K}/{xs.shape[-1]} columns need K tiles ({cfg.block_k}) inside them")
     if cfg.splits == 1:
         out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
     else:
         out = torch.empty(cfg.splits, M, N, dtype=torch.float32, device=xq.device)
     grid = (triton.cdiv(N, cfg.block_n), cfg.splits, triton.cdiv(M, cfg.block_m))
     _fp8_gemm_kernel[grid](xq, xs, wq, ws, out, M, N, K, cfg.k_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                           BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0, PREFETCH=cfg.prefetch_tiles,
+                           BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0, PREFETCH=cfg.prefetch_tiles, XB=xb,
                            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(xq.device))
     return out
 

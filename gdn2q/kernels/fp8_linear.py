@@ -1,4 +1,4 @@
-"""fp8 (e4m3) projections with per-output-row weight scales and per-token activation scales.
+"""fp8 (e4m3) projections with per-output-row weight scales and per-token (or per-token block) activation scales.
 
 On Hopper the product runs on the fp8 tensor cores: decode batches (M <= 256) through the skinny Triton GEMM
 of :mod:`gdn2q.kernels.fp8_gemm` (cuBLASLt's row-scaled fp8 kernels stream the weights at ~30% of bandwidth
@@ -6,6 +6,11 @@ there), larger M (prefill) and Ada (8.9) through ``torch._scaled_mm`` with row-w
 quantized operands are multiplied in fp32, so the CPU path computes the same function (only the accumulation
 order differs). The per-token activation quantization is one Triton launch
 (:func:`gdn2q.kernels.glue.quantize_rows_fp8`) where Triton runs.
+
+Activations may instead carry one scale per token and block of columns (scales [M, K / block]): a kernel that
+produces one block of a row (the decode kernel, one value head of 128 columns per program) can quantize it
+without the whole row's absmax, and a finer scale is also a more accurate one. The Triton GEMM applies such
+scales per K tile; elsewhere they are dequantized first.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-Fp8Rows = tuple[torch.Tensor, torch.Tensor]  # (e4m3 codes [M, N], fp32 scales [M, 1])
+Fp8Rows = tuple[torch.Tensor, torch.Tensor]  # (e4m3 codes [M, N], fp32 scales [M, 1] or [M, N / block])
 GEMM_MAX_M = 256   # larger products (prefill) are compute-shaped: torch._scaled_mm is the better kernel there
 
 
@@ -22,6 +27,18 @@ def quantize_rows_reference(x: torch.Tensor) -> Fp8Rows:
     """e4m3 codes of x [M, K] with one fp32 scale per row (absmax / 448)."""
     s = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
     return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+def quantize_blocks_reference(x: torch.Tensor, block: int) -> Fp8Rows:
+    """e4m3 codes of x [M, K] with one fp32 scale per row and block of ``block`` columns: scales [M, K / block]."""
+    M, K = x.shape
+    codes, s = quantize_rows_reference(x.reshape(M * (K // block), block))
+    return codes.view(M, K), s.view(M, K // block)
+
+
+def dequantize_rows(xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """fp32 values of e4m3 rows with per-row [M, 1] or per-block [M, K / block] scales."""
+    return xq.float() * xs.repeat_interleave(xq.shape[-1] // xs.shape[-1], dim=-1)
 
 
 def quantize_weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +62,8 @@ def _triton_gemm_ok(x: torch.Tensor) -> bool:
 
 def fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
                out_dtype: torch.dtype, partials: bool = False) -> torch.Tensor:
-    """(xq * xs) (w_codes * w_scales)^T for rows already quantized: xq [M, K] e4m3, xs [M, 1] fp32.
+    """(xq * xs) (w_codes * w_scales)^T for rows already quantized: xq [M, K] e4m3, xs [M, 1] (or per-block
+    [M, K / block]) fp32.
 
     Returns [M, N] in ``out_dtype``. ``partials=True`` (for callers that can add fp32 split-K partial sums, as
     :func:`gdn2q.kernels.glue.add_rms_norm` does) lets the Triton GEMM split K and return them as [S, M, N].
@@ -55,11 +73,11 @@ def fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w_codes: torch.Tensor, w_scal
         from gdn2q.kernels.fp8_gemm import fp8_gemm
 
         return fp8_gemm(xq, xs, w_codes, w_scales, out_dtype, partials=partials)
-    if _scaled_mm_ok(xq, N):
+    if _scaled_mm_ok(xq, N) and xs.shape[-1] == 1:
         y = torch._scaled_mm(xq, w_codes.t(), scale_a=xs, scale_b=w_scales.view(1, N).float(),
                              out_dtype=torch.bfloat16)
     else:
-        y = (xq.float() * xs) @ (w_codes.float() * w_scales.view(N, 1)).t()
+        y = dequantize_rows(xq, xs) @ (w_codes.float() * w_scales.view(N, 1)).t()
     return y.to(out_dtype)
 
 

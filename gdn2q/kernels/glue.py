@@ -32,7 +32,7 @@ from gdn2q.kernels import pdl
 from gdn2q.kernels.decode import gates_from_preactivations
 from gdn2q.kernels.fp8_gemm import card_name
 from gdn2q.kernels.fp8_linear import FP8, Fp8Rows, quantize_rows_reference
-from gdn2q.kernels.reference import gates
+from gdn2q.kernels.reference import gated_rms_norm, gates
 from gdn2q.kernels.state_io import INTERPRETED, fp8_ulp, rne
 from gdn2q.model.norms import rms_normalize
 
@@ -71,11 +71,7 @@ def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor | None, weight: 
 
 def gated_rms_norm_reference(o: torch.Tensor, z: torch.Tensor, z_bias: torch.Tensor | None, weight: torch.Tensor,
                              eps: float, activation: str, fp8: bool = False) -> torch.Tensor | Fp8Rows:
-    n = rms_normalize(o, weight, eps)
-    zf = z.float() if z_bias is None else z.float() + z_bias.float()
-    zf = zf.reshape(n.shape)
-    gate = torch.sigmoid(zf) if activation == "sigmoid" else F.silu(zf)
-    return _out((n * gate).flatten(-2), o.dtype, fp8)
+    return _out(gated_rms_norm(o, z, z_bias, weight, eps, activation), o.dtype, fp8)
 
 
 def swiglu_reference(y: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Rows:

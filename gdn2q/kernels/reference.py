@@ -6,9 +6,13 @@ state pool the kernels update in place; nothing here re-implements either.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from gdn2q.kernels.fp8_linear import Fp8Rows, quantize_blocks_reference
+from gdn2q.model.norms import rms_normalize
 from gdn2q.ops.chunk import chunk_gdn2
 from gdn2q.ops.naive import gdn2_step, prepare_qk
 from gdn2q.quant.state import QuantizedState, StateQuantConfig, quantize_state
@@ -21,6 +25,34 @@ def gates(f: torch.Tensor, b_pre: torch.Tensor, w_pre: torch.Tensor, A_log: torc
     g = -A_log.float().exp().unsqueeze(-1) * F.softplus(f.float() + dt_bias.float().reshape(HQ, K))
     b = torch.sigmoid(b_pre.float()) * (2.0 if allow_neg_eigval else 1.0)
     return g, b, torch.sigmoid(w_pre.float())
+
+
+@dataclass(frozen=True)
+class OutputNorm:
+    """The gated RMSNorm after the recurrence (per value head, gated by act(z + z_bias)), given to
+    :func:`gdn2q.kernels.decode_step` to have it run inside the int8/fp8-state decode kernel, whose output is
+    then o_proj's input: e4m3 codes with one scale per (token, value head), which each program has whole."""
+
+    z: torch.Tensor                 # gate pre-activations [B, HV * V]
+    z_bias: torch.Tensor | None     # [HV * V]
+    weight: torch.Tensor            # [V]
+    eps: float
+    activation: str                 # "sigmoid" (fla-trained) or "swish" (NVIDIA-trained)
+
+
+def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, z_bias: torch.Tensor | None, weight: torch.Tensor,
+                   eps: float, activation: str) -> torch.Tensor:
+    """fp32 rows [M, HV * V]: the per-head RMSNorm of o [M, HV, V] gated by act(z + z_bias), z [M, HV * V]."""
+    n = rms_normalize(o, weight, eps)
+    zf = (z.float() if z_bias is None else z.float() + z_bias.float()).reshape(n.shape)
+    gate = torch.sigmoid(zf) if activation == "sigmoid" else F.silu(zf)
+    return (n * gate).flatten(-2)
+
+
+def output_norm_reference(o: torch.Tensor, norm: OutputNorm) -> Fp8Rows:
+    """:class:`OutputNorm` of o [B, HV, V] as e4m3 codes [B, HV * V] with scales [B, HV]."""
+    y = gated_rms_norm(o, norm.z, norm.z_bias, norm.weight, norm.eps, norm.activation)
+    return quantize_blocks_reference(y, o.shape[-1])
 
 
 def repeat_heads(x: torch.Tensor, HV: int) -> torch.Tensor:
