@@ -46,9 +46,11 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 # num_warps of the one-row-per-program kernels, by card and kernel, where a sweep inside the graphed decode step
-# measured a better one than the rule of _warps (tools/tune_gemm_in_step.py --glue). H200, two runs on two
-# machines: add_rms_norm at 16 warps 1.3268 / 1.3309 ms per step against the rule's 1.3486-1.3587 / 1.3533-1.3623.
-GLUE_WARPS: dict[str, dict[str, int]] = {"NVIDIA H200": {"add_rms_norm": 16}}
+# measured a better one than the rule of _warps (tools/tune_gemm_in_step.py --glue). add_rms_norm at 16 warps:
+# H200, two runs on two machines, 1.3268 / 1.3309 ms per step against the rule's 1.3486-1.3587 / 1.3533-1.3623;
+# H100 1.4507 against 1.4631 / 1.4669.
+GLUE_WARPS: dict[str, dict[str, int]] = {"NVIDIA H200": {"add_rms_norm": 16},
+                                         "NVIDIA H100 80GB HBM3": {"add_rms_norm": 16}}
 
 
 def _warps(n: int, kernel: str, device: torch.device) -> int:
