@@ -521,7 +521,11 @@ def decode_triton(
     q, k, v, g, b, w = (t.contiguous() for t in (q, k, v, g, b, w))
     if out_norm is not None and (not fmt.quantized or out is not None):
         raise ValueError("out_norm needs an int8/fp8 state and no out buffer")
-    o = torch.empty_like(v) if out is None else out
+    if out_norm is not None:   # e4m3 rows for o_proj, written as words of four codes, and their scales
+        o = torch.empty(B, HV * V, dtype=FP8, device=q.device)
+        o_scales = torch.empty(B, HV, dtype=torch.float32, device=q.device)
+    else:
+        o = torch.empty_like(v) if out is None else out
     sms = _sm_count(q.device)
     lp = launch_params(fmt, B * HV, sms, **launch)
     if fmt.quantized and lp.get("block_v", V) < V:
@@ -529,7 +533,8 @@ def decode_triton(
     BV = min(V, lp.get("block_v", V))
     n_tiles = B * HV * (V // BV)
     grid = (min(n_tiles, sms * lp["programs_per_sm"]),)
-    args = (q, k, v, g, b, w, A_log if fused else q, dt_bias if fused else q, o)
+    args = (q, k, v, g, b, w, A_log if fused else q, dt_bias if fused else q,
+            o if out_norm is None else o.view(torch.int32))
     scale = float(K ** -0.5 if scale is None else scale)
     meta = dict(HQ=HQ, HV=HV, K=K, V=V, FUSED=fused, NEG_EIG=allow_neg_eigval, L2NORM=use_qk_l2norm,
                 STAGES=lp["stages"], num_warps=lp["num_warps"], num_stages=1)
@@ -540,16 +545,14 @@ def decode_triton(
         scratch = torch.empty(grid[0], 5, K, dtype=torch.float32, device=q.device)   # per-program row terms
         norm: tuple = (q, q, q, q, 0, 0.0)
         if out_norm is not None:
-            o = torch.empty(B, HV * V, dtype=FP8, device=q.device)
-            o_scales = torch.empty(B, HV, dtype=torch.float32, device=q.device)
             z = out_norm.z if out_norm.z.stride(-1) == 1 else out_norm.z.contiguous()
             zb = z if out_norm.z_bias is None else out_norm.z_bias
             norm = (z, zb, out_norm.weight, o_scales, z.stride(0), float(out_norm.eps))
             meta.update(OUT_NORM=True, ZBIAS=out_norm.z_bias is not None, SIGMOID=out_norm.activation == "sigmoid",
                         TRIGGER=pdl.active(q.device) and EARLY_DEPENDENTS)
-        _decode8_kernel[grid](*args[:-1], o.view(torch.int32) if out_norm is not None else o, words, pool.scales,
-                              res, stat, slots, seed_tensor(fmt, seed, q.device), scratch, scale, n_tiles, *norm,
-                              BK=min(K, lp["block_k"]), UNROLL=lp["unroll"], **meta, **format_constexprs(fmt))
+        _decode8_kernel[grid](*args, words, pool.scales, res, stat, slots, seed_tensor(fmt, seed, q.device), scratch,
+                              scale, n_tiles, *norm, BK=min(K, lp["block_k"]), UNROLL=lp["unroll"], **meta,
+                              **format_constexprs(fmt))
         if out_norm is not None:
             return o, o_scales
     else:
