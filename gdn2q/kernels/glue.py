@@ -12,8 +12,9 @@ its PyTorch reference otherwise; the references are also the tests' oracles. The
 these layouts (rows of a fused projection output in, the contiguous planes the recurrence kernel reads out),
 which no library kernel matches.
 
-The kernels of the decode step (add_rms_norm, gated_rms_norm_rows, swiglu, decode_inputs, low_rank_up) take
-part in programmatic dependent launch (:mod:`gdn2q.kernels.pdl`): each lets the next kernel launch at once, then
+The kernels of the decode step (add_rms_norm, decode_inputs_low_rank, swiglu, and gated_rms_norm_rows where the
+recurrence kernel does not run the output norm itself; low_rank_up and decode_inputs in prefill) take part in
+programmatic dependent launch (:mod:`gdn2q.kernels.pdl`): each lets the next kernel launch at once, then
 waits for the previous one before its first load. Their weights are read after the wait too: they are a few KB,
 loaded alongside the activations, and the entry points then put no condition on where their inputs come from
 (low_rank_up's 1 MB only has its lines asked of L2 before the wait, a hint that reads nothing).
