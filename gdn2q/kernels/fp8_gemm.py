@@ -118,6 +118,15 @@ def gemm_config(M: int, N: int, K: int, sms: int, *, allow_split: bool = True, b
 
 
 @triton.jit
+def _tile_dot(a, b, acc, BLOCK_K: tl.constexpr):
+    """acc + a b^T of one K tile; the GPU's fp8 wgmma sum is promoted into the fp32 accumulator (see the module
+    docstring). The CPU interpreter has no fp8 dot; e4m3 values are exact in fp32."""
+    if INTERPRETED:
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BLOCK_K)
+
+
+@triton.jit
 def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
                      PREFETCH: tl.constexpr = 0, XB: tl.constexpr = 0):
@@ -149,14 +158,9 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, K_SPLIT, BL
             b = tl.load(w_ptrs, mask=rk[None, :] < k_len - k, other=0.0)
         if XB > 0:   # this K tile's sum times its block's activation scales
             sx = tl.load(xs_ptr + lm * (K // XB) + (k0 + k) // XB)[:, None]
-            if INTERPRETED:
-                acc += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee") * sx
-            else:
-                acc += tl.dot(a, tl.trans(b), max_num_imprecise_acc=BLOCK_K) * sx
-        elif INTERPRETED:   # the CPU interpreter has no fp8 dot; e4m3 values are exact in fp32
-            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
-        else:   # the tile's fp8 wgmma sum is promoted into the fp32 accumulator (see the module docstring)
-            acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BLOCK_K)
+            acc += _tile_dot(a, b, None, BLOCK_K) * sx
+        else:
+            acc = _tile_dot(a, b, acc, BLOCK_K)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if XB == 0:

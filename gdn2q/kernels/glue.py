@@ -268,6 +268,15 @@ def _inputs_row(y1_ptr, y2_ptr, win_ptr, taps_ptr, cb_ptr, alog_ptr, dtb_ptr, ou
 
 
 @triton.jit
+def _low_rank_dot(x, w):
+    """x w^T in fp32. fp32 inputs: exact fp32 products, not tf32; the interpreter takes that path too (its bf16
+    dot is wrong)."""
+    if INTERPRETED or x.dtype == tl.float32:
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    return tl.dot(x, tl.trans(w))
+
+
+@triton.jit
 def _inputs_low_rank(y1_ptr, alog_ptr, dtb_ptr, gout_ptr, lr_ptr, z_ptr, s1, B, j, KD: tl.constexpr,
                      VD: tl.constexpr, HK: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """Tile j of [f | z] = [fr | gr] . [f weight; g weight]^T over BM sequences and BN channels (a tile never
@@ -282,11 +291,7 @@ def _inputs_low_rank(y1_ptr, alog_ptr, dtb_ptr, gout_ptr, lr_ptr, z_ptr, s1, B, 
     half = (n0 >= KD).to(tl.int32)
     x = tl.load(y1_ptr + rows.to(tl.int64)[:, None] * s1 + F0 + half * R + rr[None, :], mask=rm[:, None], other=0.0)
     w = tl.load(lr_ptr + (n0 + tl.arange(0, BN))[:, None] * R + rr[None, :])
-    if INTERPRETED or y1_ptr.dtype.element_ty == tl.float32:   # see _low_rank_up_kernel
-        acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-    else:
-        acc = tl.dot(x, tl.trans(w))
-    val = acc.to(y1_ptr.dtype.element_ty)
+    val = _low_rank_dot(x, w).to(y1_ptr.dtype.element_ty)
     if n0 < KD:
         fc = n0 + tl.arange(0, BN)
         g = gates_from_preactivations(val.to(tl.float32), val.to(tl.float32),
@@ -314,11 +319,7 @@ def _low_rank_up_kernel(x_ptr, w_ptr, out_ptr, M, x_stride, SPLIT: tl.constexpr,
     half = (tl.program_id(0) * BLOCK_N >= SPLIT).to(tl.int32)
     x = tl.load(x_ptr + rm[:, None] * x_stride + half * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
     w = tl.load(w_rows + rr[None, :])
-    # fp32 inputs: exact fp32 products, not tf32; the interpreter takes that path too (its bf16 dot is wrong)
-    if INTERPRETED or x_ptr.dtype.element_ty == tl.float32:
-        acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-    else:
-        acc = tl.dot(x, tl.trans(w))
+    acc = _low_rank_dot(x, w)
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None])
 
 
