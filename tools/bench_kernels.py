@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))          # gpu_check_ke
 
 from gdn2q.kernels import new_state_pool  # noqa: E402
 from gdn2q.kernels.bench import capture_graph  # noqa: E402
-from gdn2q.kernels.decode import decode_triton, launch_tier  # noqa: E402
+from gdn2q.kernels.decode import decode_triton, launch_params, launch_tier  # noqa: E402
 from gdn2q.kernels.prefill import default_dot, prefill_triton  # noqa: E402
 from gdn2q.quant.state import StateQuantConfig  # noqa: E402
 
@@ -83,9 +83,11 @@ def _variants(keys: str, *values: tuple) -> list[dict]:
 DECODE_VARIANTS = {
     "float": _variants("num_warps block_v programs_per_sm stages", (4, 64, 4, 1), (2, 32, 8, 1), (2, 32, 10, 1),
                        (4, 32, 8, 1), (2, 32, 8, 3)),
-    "quantized": _variants("num_warps block_k unroll stages programs_per_sm", (1, 8, 2, 1, 16), (2, 8, 4, 1, 12),
-                           (4, 128, 1, 1, 2), (4, 128, 1, 2, 2), (2, 8, 2, 3, 10), (1, 8, 2, 3, 12),
-                           (1, 8, 2, 3, 16), (1, 8, 1, 4, 16), (1, 8, 2, 4, 16)),
+    "quantized": _variants("staged num_warps block_k unroll stages programs_per_sm", (0, 1, 8, 2, 1, 16),
+                           (0, 2, 8, 4, 1, 12), (0, 4, 128, 1, 1, 2), (0, 4, 128, 1, 2, 2), (0, 2, 8, 2, 3, 10),
+                           (0, 1, 8, 2, 3, 12), (0, 1, 8, 2, 3, 16), (0, 1, 8, 1, 4, 16), (0, 1, 8, 2, 4, 16),
+                           # the Gluon kernel (decode_staged.py): 4-warp programs, whole tiles in shared memory
+                           (1, 4, None, 1, None, 4), (1, 4, None, 2, None, 4), (1, 4, None, 2, None, 8)),
 }
 
 
@@ -136,8 +138,9 @@ def tune_decode(states=("fp32", "bf16", "int8", "fp8")) -> tuple[dict, list[dict
                 if err <= (1e-3 if fmt.dtype == "fp32" else 1.0001):
                     times[json.dumps(var)] = us
             best[(name, _tier(B))] = json.loads(min(times, key=times.get))
-            if name == "int8":
-                best[("int8-ef", _tier(B))] = best[(name, _tier(B))]
+            if name == "int8":   # error feedback runs on the Triton kernel only
+                triton_only = {v: us for v, us in times.items() if not json.loads(v)["staged"]}
+                best[("int8-ef", _tier(B))] = json.loads(min(triton_only, key=triton_only.get))
     return best, rows
 
 
@@ -238,9 +241,11 @@ def bench_decode(fla_fn, copy_gbps: float, variants: dict) -> list[dict]:
             var = variants.get((name, _tier(B)))
             us = _decode_us(B, fmt, flat, var)
             nbytes = 2 * B * H * fmt.bytes_per_head(K, V)
+            staged = launch_params(fmt, B * H, torch.cuda.get_device_properties(0).multi_processor_count,
+                                   **(var or {}))["staged"]
             rows.append({"op": "decode", "B": B, "T": 1, "state": name, "us": us, "fla_us": fla_us,
                          "speedup": fla_us / us if fla_us else None, "state_GBps": nbytes / us / 1e3,
-                         "copy_GBps": copy_gbps, "variant": var})
+                         "copy_GBps": copy_gbps, "variant": var, "kernel": "gluon-staged" if staged else "triton"})
             print(json.dumps(rows[-1]), flush=True)
         if fla_fn:
             rows.append({"op": "decode", "B": B, "T": 1, "state": "fla-fp32", "us": fla_us, "fla_us": fla_us,
@@ -293,12 +298,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"{meta['copy_GBps']:.0f} GB/s (read+write). H=16, K=V=128, one layer; decode timed as CUDA-graph "
              "replays, prefill as back-to-back calls (µs) and as CUDA-graph replays (graph µs); medians of "
              "triton.testing.do_bench.", "",
-             "| op | B | T | state | µs | fla µs | speedup | graph µs | fla graph µs | graph speedup | state GB/s "
-             "| % of copy |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| op | B | T | state | kernel | µs | fla µs | speedup | graph µs | fla graph µs | graph speedup "
+             "| state GB/s | % of copy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pct = None if r["state_GBps"] is None else 100 * r["state_GBps"] / r["copy_GBps"]
-        lines.append(f"| {r['op']} | {r['B']} | {r['T']} | {r['state']} | {f(r['us'])} | {f(r['fla_us'])} | "
+        lines.append(f"| {r['op']} | {r['B']} | {r['T']} | {r['state']} | {r.get('kernel', '-')} | {f(r['us'])} | "
+                     f"{f(r['fla_us'])} | "
                      f"{f(r['speedup'], 2)} | {f(r.get('graph_us'))} | {f(r.get('fla_graph_us'))} | "
                      f"{f(r.get('graph_speedup'), 2)} | {f(r['state_GBps'], 0)} | {f(pct, 0)} |")
     return "\n".join(lines) + "\n"

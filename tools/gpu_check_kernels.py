@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gdn2q.kernels import OutputNorm, chunk_prefill, decode_step, new_state_pool  # noqa: E402
+from gdn2q.kernels.decode import launch_params  # noqa: E402
 from gdn2q.kernels.prefill import default_dot, prefill_triton  # noqa: E402
 from gdn2q.kernels.reference import gates  # noqa: E402
 from gdn2q.quant.state import StateQuantConfig, quantize_state  # noqa: E402
@@ -120,8 +121,10 @@ def check_decode(fmt: StateQuantConfig, B: int = 64, fused: bool = False, seed: 
     # o is bf16 here: its own rounding (2^-8 relative) bounds the agreement
     padded_zero = pad is None or bool((out[pad] == 0).all())
     ok = bool(not out.isnan().any() and o_err <= 8e-3 and s_err <= lim and same and padded_zero)
+    staged = launch_params(fmt, B * H, torch.cuda.get_device_properties(0).multi_processor_count)["staged"]
     row = {"check": "decode" + ("-fused" if fused else "") + ("-out-norm" if out_norm else ""),
-           "state": "-".join(fmt.to_dict().values()), "B": B, "o_err": o_err, "state_err": s_err}
+           "state": "-".join(fmt.to_dict().values()), "B": B, "kernel": "gluon-staged" if staged else "triton",
+           "o_err": o_err, "state_err": s_err}
     if out_norm:   # the reference normalizes o rounded to bf16, the kernel its fp32 value: ties may differ
         row["code_steps"] = fp8_steps(codes, ref_codes)
         row["scale_err"] = _rel(scales, ref_scales)
@@ -200,8 +203,12 @@ def run_decode() -> list[dict]:
             StateQuantConfig("fp8", rounding="error-feedback"), StateQuantConfig("int8", rounding="stochastic"),
             StateQuantConfig("fp8", granularity="head"), StateQuantConfig("fp8", scales="static")]
     rows = [_guarded(check_decode, f) for f in fmts]
+    # B=256: int8/fp8 run the Gluon kernel (decode_staged.py) at the default launch
     rows += [_guarded(check_decode, StateQuantConfig(d), B=256) for d in ("int8", "fp8", "bf16", "fp32")]
-    rows += [_guarded(check_decode, StateQuantConfig(d), B=B) for d in ("int8", "fp8") for B in (1, 8)]  # few tiles
+    rows += [_guarded(check_decode, StateQuantConfig(d), B=256, fused=True) for d in ("int8", "fp8")]
+    # few tiles: int8/fp8 on the Gluon kernel, error feedback on the Triton kernel's whole-tile launch
+    rows += [_guarded(check_decode, StateQuantConfig(d), B=B) for d in ("int8", "fp8") for B in (1, 8)]
+    rows += [_guarded(check_decode, StateQuantConfig(d, rounding="error-feedback"), B=8) for d in ("int8", "fp8")]
     rows.append(_guarded(check_decode, StateQuantConfig("int8"), fused=True))
     rows += [_guarded(check_decode, StateQuantConfig(d), B=B, out_norm=True)
              for d in ("int8", "fp8") for B in (64, 256)]

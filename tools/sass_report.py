@@ -28,17 +28,20 @@ from triton.compiler import ASTSource
 
 
 def compile_sm90(fn, signature: dict[str, str], constexprs: dict[str, object], num_warps: int,
-                 num_stages: int = 3, div16: tuple[str, ...] = ()):
+                 num_stages: int = 3, div16: tuple[str, ...] = (), maxnreg: int | None = None):
     """Compiled kernel for sm_90 (pointer arguments marked 16-byte aligned, as the launches pass them, and the
     integer arguments named in div16 marked multiples of 16)."""
     names = list(fn.arg_names)
     sig = {n: (signature[n] if n in signature else "constexpr") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
              if t.startswith("*") or n in div16}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+    source = ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():   # a @gluon.jit kernel: same compile, Gluon front end
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg})
 
 
 def report(kernel) -> tuple[dict[str, int], collections.Counter, str]:
@@ -63,11 +66,12 @@ def report(kernel) -> tuple[dict[str, int], collections.Counter, str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kernel", help="module:function of a @triton.jit kernel")
+    p.add_argument("kernel", help="module:function of a @triton.jit or @gluon.jit kernel")
     p.add_argument("--sig", required=True, help="JSON {arg: triton type} for the runtime arguments")
     p.add_argument("--const", default="{}", help="JSON {arg: value} for the constexpr arguments")
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--maxnreg", type=int, help="register cap per thread (the launch option of that name)")
     p.add_argument("--div16", nargs="*", default=[], help="integer arguments the launch passes as multiples of 16")
     p.add_argument("--per", type=int, default=0, help="divide instruction counts by this (elements per thread)")
     p.add_argument("--sass", help="also write the SASS text here")
@@ -75,7 +79,7 @@ def main() -> None:
     a = p.parse_args()
     mod, name = a.kernel.split(":")
     fn = getattr(importlib.import_module(mod), name)
-    kernel = compile_sm90(fn, json.loads(a.sig), json.loads(a.const), a.warps, a.stages, tuple(a.div16))
+    kernel = compile_sm90(fn, json.loads(a.sig), json.loads(a.const), a.warps, a.stages, tuple(a.div16), a.maxnreg)
     usage, ops, sass = report(kernel)
     total = sum(ops.values())
     print("resources:", usage, "instructions:", total, f"per element: {total / a.per:.1f}" if a.per else "")

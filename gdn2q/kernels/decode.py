@@ -15,6 +15,8 @@ of row blocks.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import triton
 import triton.language as tl
@@ -466,10 +468,20 @@ def seed_tensor(fmt: StateQuantConfig, seed: int | torch.Tensor | None, device: 
 # (11% faster at B=256 than loading each block where it is used). Blocks of 4 rows need only 64 registers but
 # their per-block overhead made them 40% slower; capping registers to fit 18-24 one-warp programs per
 # multiprocessor (a few spills) was 6-47% slower. Narrow V blocks for fp32/bf16.
+# "8bit-staged" is the Gluon kernel of decode_staged.py (formats it covers, GPU only), used where the table has a
+# tier for it. H100, one-off sweeps of this session (several machines): at B=256 int8 62.4-64.4 us against
+# 80.9-81.3 for the one-warp kernel, fp8 62.6-65.4 with the pass loops unrolled twice (63.7-76.9 without)
+# against 80.2-80.7; at B=64 no faster (22.6-25.2 against 22.6-23.7 us) and the graphed 1.3B step slower with it
+# (1.485 against 1.447-1.452 ms), so the medium tier keeps the one-warp kernel. At B=1 and 8 it was faster (int8
+# 8.0-8.2 against 9.5 us at B=1, 9.1 against 10.9 at B=8; fp8 8.3-8.4 / 9.3 against 9.6 / 10.4), measured after
+# the last kernel table of the session, so the few tier is not switched yet (docs/kernels.md). Four
+# 4-warp programs per multiprocessor: their registers (113-128 a thread with Triton 3.6; capped at 128, which
+# other Triton builds can exceed) and shared memory allow no more.
 LAUNCH: dict[tuple[str, str], dict[str, int]] = {
     ("8bit", "few"): dict(num_warps=4, block_k=128, unroll=1, stages=1, programs_per_sm=2),
     ("8bit", "medium"): dict(num_warps=1, block_k=8, unroll=2, stages=3, programs_per_sm=16),
     ("8bit", "many"): dict(num_warps=1, block_k=8, unroll=2, stages=3, programs_per_sm=16),
+    ("8bit-staged", "many"): dict(num_warps=4, unroll=2, programs_per_sm=4, maxnreg=128),
     ("bf16", "few"): dict(num_warps=4, block_v=32, stages=1, programs_per_sm=8),
     ("bf16", "medium"): dict(num_warps=4, block_v=64, stages=1, programs_per_sm=4),
     ("bf16", "many"): dict(num_warps=4, block_v=64, stages=1, programs_per_sm=4),
@@ -484,17 +496,39 @@ EARLY_DEPENDENTS = True
 TIERS = ((4, "few"), (16, "medium"))   # (heads per multiprocessor below which, tier); at or above: "many"
 
 
+_GLUON = importlib.util.find_spec("triton.experimental.gluon") is not None
+
+
+def staged_supported(fmt: StateQuantConfig, K: int, V: int) -> bool:
+    """The formats and shapes the Gluon kernel of decode_staged.py covers (where this Triton has Gluon)."""
+    return (_GLUON and fmt.quantized and fmt.granularity == "row" and fmt.scales == "dynamic"
+            and fmt.rounding == "nearest" and K == 128 and V == 128)
+
+
 def launch_tier(heads: int, sms: int) -> str:
     """The load tier of ``heads`` (sequence, value head) tiles on ``sms`` multiprocessors."""
     return next((tier for per_sm, tier in TIERS if heads < per_sm * sms), "many")
 
 
-def launch_params(fmt: StateQuantConfig, heads: int, sms: int, **overrides: int | None) -> dict[str, int]:
-    """The launch of ``LAUNCH`` for ``heads`` tiles, with the non-None overrides applied."""
-    base = dict(LAUNCH[("8bit" if fmt.quantized else fmt.dtype, launch_tier(heads, sms))])
-    known = {"num_warps", "programs_per_sm", "stages", "block_v", "block_k", "unroll"}
+def launch_params(fmt: StateQuantConfig, heads: int, sms: int, K: int = 128, V: int = 128,
+                  **overrides: int | None) -> dict[str, int]:
+    """The launch of ``LAUNCH`` for ``heads`` tiles of [K, V], with the non-None overrides applied.
+
+    ``staged`` (int8/fp8 only) picks the kernel: 1 the Gluon kernel of decode_staged.py (formats and shapes
+    :func:`staged_supported` accepts), 0 the one-warp Triton kernel; None (default) the staged kernel where the
+    table has an "8bit-staged" entry for the tier and the format allows it.
+    """
+    known = {"num_warps", "programs_per_sm", "stages", "block_v", "block_k", "unroll", "staged", "maxnreg"}
     if unknown := set(overrides) - known:
         raise TypeError(f"unknown decode launch option(s) {sorted(unknown)}; choose from {sorted(known)}")
+    tier = launch_tier(heads, sms)
+    staged = overrides.pop("staged", None)
+    if staged and not (fmt.quantized and staged_supported(fmt, K, V)):
+        raise ValueError("staged=1 needs an int8/fp8 state with dynamic row scales and nearest rounding, K = V = 128")
+    if staged is None:
+        staged = fmt.quantized and staged_supported(fmt, K, V) and ("8bit-staged", tier) in LAUNCH
+    kind = "8bit-staged" if staged else "8bit" if fmt.quantized else fmt.dtype
+    base = dict(LAUNCH.get((kind, tier)) or LAUNCH[(kind, "many")], staged=int(bool(staged)))
     base.update({k: v for k, v in overrides.items() if v is not None})
     return base
 
@@ -513,7 +547,10 @@ def decode_triton(
     ``launch`` overrides keys of :data:`LAUNCH` (benchmark sweeps): num_warps, programs_per_sm (the grid is
     persistent: at most that many programs per multiprocessor), stages (> 1 lets Triton stream the state
     through shared memory with asynchronous copies), block_v (fp32/bf16: V columns per tile), block_k and
-    unroll (int8/fp8: key rows per block of the two passes, and their unrolling; tiles are whole rows).
+    unroll (int8/fp8: key rows per block of the two passes, and their unrolling; tiles are whole rows), staged
+    (int8/fp8: 1 the Gluon kernel, 0 the Triton one; see :func:`launch_params`) and maxnreg (the Gluon kernel's
+    register cap per thread, which fixes how many programs fit a multiprocessor). The Gluon kernel has no CPU
+    interpreter: under ``TRITON_INTERPRET=1`` the Triton kernel runs instead.
     """
     B, HQ, K = k.shape
     HV, V = v.shape[1], v.shape[2]
@@ -527,7 +564,9 @@ def decode_triton(
     else:
         o = torch.empty_like(v) if out is None else out
     sms = _sm_count(q.device)
-    lp = launch_params(fmt, B * HV, sms, **launch)
+    lp = launch_params(fmt, B * HV, sms, K, V, **launch)
+    if lp["staged"] and INTERPRETED:   # the interpreter cannot run Gluon: the Triton kernel's launch for the tier
+        lp = launch_params(fmt, B * HV, sms, K, V, **{**launch, "staged": 0})
     if fmt.quantized and lp.get("block_v", V) < V:
         raise ValueError("quantized states need whole rows per program (block_v >= V)")
     BV = min(V, lp.get("block_v", V))
@@ -537,12 +576,12 @@ def decode_triton(
             o if out_norm is None else o.view(torch.int32))
     scale = float(K ** -0.5 if scale is None else scale)
     meta = dict(HQ=HQ, HV=HV, K=K, V=V, FUSED=fused, NEG_EIG=allow_neg_eigval, L2NORM=use_qk_l2norm,
-                STAGES=lp["stages"], num_warps=lp["num_warps"], num_stages=1)
+                STAGES=lp.get("stages", 1), num_warps=lp["num_warps"], num_stages=1)
     if fmt.quantized:   # code words: four int8/fp8 codes per int32
         words = pool.codes.view(torch.int32)
         res = pool.residual.view(torch.int32) if pool.residual is not None else words
         stat = effective_static_scales(fmt, static_scales, HV, K, q.device)
-        scratch = torch.empty(grid[0], 5, K, dtype=torch.float32, device=q.device)   # per-program row terms
+        scratch = None if lp["staged"] else torch.empty(grid[0], 5, K, dtype=torch.float32, device=q.device)
         norm: tuple = (q, q, q, q, 0, 0.0)
         if out_norm is not None:
             z = out_norm.z if out_norm.z.stride(-1) == 1 else out_norm.z.contiguous()
@@ -550,9 +589,16 @@ def decode_triton(
             norm = (z, zb, out_norm.weight, o_scales, z.stride(0), float(out_norm.eps))
             meta.update(OUT_NORM=True, ZBIAS=out_norm.z_bias is not None, SIGMOID=out_norm.activation == "sigmoid",
                         TRIGGER=pdl.active(q.device) and EARLY_DEPENDENTS)
-        _decode8_kernel[grid](*args, words, pool.scales, res, stat, slots, seed_tensor(fmt, seed, q.device), scratch,
-                              scale, n_tiles, *norm, BK=min(K, lp["block_k"]), UNROLL=lp["unroll"], **meta,
-                              **format_constexprs(fmt))
+        if lp["staged"]:
+            from gdn2q.kernels.decode_staged import _decode8_staged_kernel
+
+            _decode8_staged_kernel[grid](*args, words, pool.scales, slots, scale, n_tiles, *norm,
+                                         MODE=MODES[fmt.dtype], UNROLL=lp["unroll"], maxnreg=lp.get("maxnreg"),
+                                         **{k: v for k, v in meta.items() if k != "STAGES"})
+        else:
+            _decode8_kernel[grid](*args, words, pool.scales, res, stat, slots, seed_tensor(fmt, seed, q.device),
+                                  scratch, scale, n_tiles, *norm, BK=min(K, lp["block_k"]), UNROLL=lp["unroll"],
+                                  **meta, **format_constexprs(fmt))
         if out_norm is not None:
             return o, o_scales
     else:
