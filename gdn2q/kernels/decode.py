@@ -496,7 +496,15 @@ EARLY_DEPENDENTS = True
 TIERS = ((4, "few"), (16, "medium"))   # (heads per multiprocessor below which, tier); at or above: "many"
 
 
-_GLUON = importlib.util.find_spec("triton.experimental.gluon") is not None
+def _has_gluon() -> bool:
+    """This Triton ships Gluon (the language of decode_staged.py; Triton >= 3.5)."""
+    try:
+        return importlib.util.find_spec("triton.experimental.gluon") is not None
+    except ImportError:   # no triton.experimental at all
+        return False
+
+
+_GLUON = _has_gluon()
 
 
 def staged_supported(fmt: StateQuantConfig, K: int, V: int) -> bool:
