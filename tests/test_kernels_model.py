@@ -70,5 +70,6 @@ def test_bench_model_reports_throughput_and_backend():
     cfg = GDN2Config(hidden_size=64, num_hidden_layers=1, num_heads=2, head_dim=32, vocab_size=50)
     r = bench_model(cfg, batch=2, state="int8", recipe="fp8", prompt_len=16, decode_reps=2, device="cpu")
     assert r["backend"] in ("triton", "torch") and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
+    assert r["decode_kernel"] == ("triton" if r["backend"] == "triton" else "torch")   # the interpreter: no Gluon
     assert r["state"]["dtype"] == "int8" and r["recipe"] == "fp8"
     assert r["device"] == "cpu" and r["card"]          # the processor's name, for the JSON a run leaves behind

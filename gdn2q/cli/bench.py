@@ -45,7 +45,8 @@ def bench(
 
     With no MODEL a randomly initialised 1.3B-shaped GDN-2 (18 layers, d 2304, H 16 x 128) is used: random
     weights are fine for speed. The Triton kernels run on CUDA; elsewhere the PyTorch reference runs, and the
-    output says which ("backend").
+    output says which ("backend"), and which kernel runs the recurrence ("recurrence": "triton", or
+    "gluon-staged" for int8/fp8 states at large batches).
 
     Example: `gdn2q bench --batch 64 --state int8 --recipe fp8 --baseline`
     """
@@ -87,10 +88,12 @@ def bench(
         return
     table = Table(title=f"gdn2q bench on {rows[0]['card']} (backend: {rows[0]['backend']}, "
                         f"CUDA graph: {rows[0]['cuda_graph']})")
-    for col in ("weights", "state", "batch", "layers", "decode tok/s", "step ms", "PDL", "prefill tok/s"):
-        table.add_column(col, justify="left" if col in ("weights", "state") else "right")
+    for col in ("weights", "state", "recurrence", "batch", "layers", "decode tok/s", "step ms", "PDL",
+                "prefill tok/s"):
+        table.add_column(col, justify="left" if col in ("weights", "state", "recurrence") else "right")
     for r in rows:
-        table.add_row(r["recipe"], StateQuantConfig(**r["state"]).label, str(r["batch"]), str(r["layers"]),
+        table.add_row(r["recipe"], StateQuantConfig(**r["state"]).label, r["decode_kernel"], str(r["batch"]),
+                      str(r["layers"]),
                       f"{r['decode_tok_s']:,.0f}", f"{r['decode_step_ms']:.3f}", "on" if r["pdl"] else "off",
                       f"{r['prefill_tok_s']:,.0f}")
     console.print(table)

@@ -26,6 +26,7 @@ from torch import nn
 
 from gdn2q.config import GDN2Config
 from gdn2q.kernels import OutputNorm, backend, chunk_prefill, decode_step, new_state_pool, pdl
+from gdn2q.kernels.decode import decode_kernel
 from gdn2q.kernels.fp8_linear import Fp8Rows, fp8_matmul, quantize_weight_fp8
 from gdn2q.kernels.glue import add_rms_norm, decode_inputs_low_rank, gated_rms_norm_rows, low_rank_up, swiglu
 from gdn2q.kernels.reference import gates
@@ -285,7 +286,10 @@ def bench_model(model_or_config: GDN2ForCausalLM | GDN2Config | None = None, bat
     # the headline is the faster mode: a baseline that PDL slows down is compared as it runs best
     decode_s, pdl_used = min(timed)
     ab = step_ms if len(step_ms) > 1 else {}
-    return {"backend": backend(ids, c.head_dim, c.head_v_dim, fmt), "cuda_graph": graphed, "device": str(device),
+    which = backend(ids, c.head_dim, c.head_v_dim, fmt)
+    recurrence = which if which == "torch" else decode_kernel(fmt, batch * c.value_heads, ids.device, c.head_dim,
+                                                             c.head_v_dim)
+    return {"backend": which, "decode_kernel": recurrence, "cuda_graph": graphed, "device": str(device),
             "card": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(), "batch": batch,
             "state": fmt.to_dict(), "recipe": recipe, "layers": c.num_hidden_layers, "prompt_len": prompt_len,
             "pdl": pdl_used, "decode_step_ms": decode_s * 1e3, "decode_tok_s": batch / decode_s, **ab,

@@ -614,6 +614,13 @@ def decode_triton(
     return o
 
 
+def decode_kernel(fmt: StateQuantConfig, heads: int, device: torch.device, K: int = 128, V: int = 128) -> str:
+    """Which kernel a default-launch decode step of ``heads`` (sequence, value head) tiles runs on ``device``:
+    "gluon-staged" (decode_staged.py) or "triton" (this module's kernels), as benchmarks report it."""
+    staged = launch_params(fmt, heads, _sm_count(device), K, V)["staged"] and not INTERPRETED
+    return "gluon-staged" if staged else "triton"
+
+
 def _sm_count(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (the interpreter: 4, enough to exercise the persistent loop)."""
     if device.type != "cuda":
