@@ -497,7 +497,7 @@ TIERS = ((4, "few"), (16, "medium"))   # (heads per multiprocessor below which, 
 
 
 def _has_gluon() -> bool:
-    """This Triton ships Gluon (the language of decode_staged.py; Triton >= 3.5)."""
+    """This Triton ships Gluon (the language of decode_staged.py, experimental in recent Triton releases)."""
     try:
         return importlib.util.find_spec("triton.experimental.gluon") is not None
     except ImportError:   # no triton.experimental at all
