@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gdn2q.kernels import OutputNorm, chunk_prefill, decode_step, new_state_pool  # noqa: E402
-from gdn2q.kernels.decode import launch_params  # noqa: E402
+from gdn2q.kernels.decode import decode_kernel  # noqa: E402
 from gdn2q.kernels.prefill import default_dot, prefill_triton  # noqa: E402
 from gdn2q.kernels.reference import gates  # noqa: E402
 from gdn2q.quant.state import StateQuantConfig, quantize_state  # noqa: E402
@@ -121,9 +121,8 @@ def check_decode(fmt: StateQuantConfig, B: int = 64, fused: bool = False, seed: 
     # o is bf16 here: its own rounding (2^-8 relative) bounds the agreement
     padded_zero = pad is None or bool((out[pad] == 0).all())
     ok = bool(not out.isnan().any() and o_err <= 8e-3 and s_err <= lim and same and padded_zero)
-    staged = launch_params(fmt, B * H, torch.cuda.get_device_properties(0).multi_processor_count)["staged"]
     row = {"check": "decode" + ("-fused" if fused else "") + ("-out-norm" if out_norm else ""),
-           "state": "-".join(fmt.to_dict().values()), "B": B, "kernel": "gluon-staged" if staged else "triton",
+           "state": "-".join(fmt.to_dict().values()), "B": B, "kernel": decode_kernel(fmt, B * H, q.device),
            "o_err": o_err, "state_err": s_err}
     if out_norm:   # the reference normalizes o rounded to bf16, the kernel its fp32 value: ties may differ
         row["code_steps"] = fp8_steps(codes, ref_codes)

@@ -27,12 +27,12 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
+from gdn2q.kernels.packed import INT8_BIAS, PACK_BYTES_PTX, PACK_FP8_PTX, UNPACK_FP8_PTX, UNPACK_INT8_PTX
 from gdn2q.quant.state import QMAX
 
 D_TINY: gl.constexpr = gl.constexpr(1e-24)        # as decode.D_TINY: floor of d where the update divides by it
 TINY: gl.constexpr = gl.constexpr(1e-30)          # as state_io.TINY: floor of a row absmax
 RNE_MAGIC: gl.constexpr = gl.constexpr(12582912.0)  # 1.5 * 2^23: the low byte of y + M is round(y) (|y| < 2^22)
-INT8_BIAS: gl.constexpr = gl.constexpr(8388736.0)   # 2^23 + 128 (packed.INT8_BIAS)
 INT8_QMAX: gl.constexpr = gl.constexpr(QMAX["int8"])
 FP8_QMAX: gl.constexpr = gl.constexpr(QMAX["fp8"])
 
@@ -42,26 +42,17 @@ FP8_QMAX: gl.constexpr = gl.constexpr(QMAX["fp8"])
 # ``reinterpret``
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
-if hasattr(gl.shared_memory_descriptor, "reinterpret"):
-    @gluon.jit
-    def _chunks(smem, n: gl.constexpr, m: gl.constexpr, layout: gl.constexpr):
-        """smem [n * m] viewed as [n, m] (row chunks), so ``.index(c)`` takes chunk c at a runtime c."""
-        return smem.reinterpret(smem.dtype, [n, m], layout)
+_NEW_VIEW: gl.constexpr = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
 
-    @gluon.jit
-    def _chunks3(smem, n: gl.constexpr, m: gl.constexpr, w: gl.constexpr, layout: gl.constexpr):
-        """smem [n * m, w] viewed as [n, m, w]."""
-        return smem.reinterpret(smem.dtype, [n, m, w], layout)
-else:
-    @gluon.jit
-    def _chunks(smem, n: gl.constexpr, m: gl.constexpr, layout: gl.constexpr):
-        """smem [n * m] viewed as [n, m] (row chunks), so ``.index(c)`` takes chunk c at a runtime c."""
-        return smem._reinterpret(smem.dtype, [n, m], layout)
 
-    @gluon.jit
-    def _chunks3(smem, n: gl.constexpr, m: gl.constexpr, w: gl.constexpr, layout: gl.constexpr):
-        """smem [n * m, w] viewed as [n, m, w]."""
-        return smem._reinterpret(smem.dtype, [n, m, w], layout)
+@gluon.jit
+def _view(smem, shape: gl.constexpr, layout: gl.constexpr):
+    """smem viewed with another shape (the same bytes), e.g. [K] as [NC, RC] row chunks so that ``.index(c)``
+    takes chunk c at a runtime c."""
+    if _NEW_VIEW:
+        return smem.reinterpret(smem.dtype, shape, layout)
+    else:
+        return smem._reinterpret(smem.dtype, shape, layout)
 
 
 @gluon.jit
@@ -79,34 +70,19 @@ def _launch_dependents(x):
 
 @gluon.jit
 def _unpack(wd, MODE: gl.constexpr):
-    """The four code planes (byte j of each word: columns 4m + j) as fp32; same bit tricks as packed.py."""
+    """The four code planes (byte j of each word: columns 4m + j) as fp32, as packed.unpack_*_word."""
     if MODE == 2:
         b0, b1, b2, b3 = gl.inline_asm_elementwise(
-            """{ .reg .b32 x, c;
-            xor.b32 x, $4, 0x80808080;
-            mov.b32 c, 0x4B000000;
-            prmt.b32 $0, x, c, 0x7440;
-            prmt.b32 $1, x, c, 0x7441;
-            prmt.b32 $2, x, c, 0x7442;
-            prmt.b32 $3, x, c, 0x7443; }""",
-            "=r,=r,=r,=r,r", [wd], dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+            UNPACK_INT8_PTX, "=r,=r,=r,=r,r", [wd], dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True,
+            pack=1)
         x0 = b0.to(gl.float32, bitcast=True) - INT8_BIAS
         x1 = b1.to(gl.float32, bitcast=True) - INT8_BIAS
         x2 = b2.to(gl.float32, bitcast=True) - INT8_BIAS
         x3 = b3.to(gl.float32, bitcast=True) - INT8_BIAS
     else:
         x0, x1, x2, x3 = gl.inline_asm_elementwise(
-            """{ .reg .b16 l, h, a, b, c, d; .reg .b32 pl, ph;
-            mov.b32 {l, h}, $4;
-            cvt.rn.f16x2.e4m3x2 pl, l;
-            cvt.rn.f16x2.e4m3x2 ph, h;
-            mov.b32 {a, b}, pl;
-            mov.b32 {c, d}, ph;
-            cvt.f32.f16 $0, a;
-            cvt.f32.f16 $1, b;
-            cvt.f32.f16 $2, c;
-            cvt.f32.f16 $3, d; }""",
-            "=f,=f,=f,=f,r", [wd], dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
+            UNPACK_FP8_PTX, "=f,=f,=f,=f,r", [wd], dtype=(gl.float32, gl.float32, gl.float32, gl.float32),
+            is_pure=True, pack=1)
     return x0, x1, x2, x3
 
 
@@ -114,24 +90,16 @@ def _unpack(wd, MODE: gl.constexpr):
 def _pack_int8(y0, y1, y2, y3):
     """Word of four int8 codes round(y) (half to even; |y| <= 127 by construction), each y given as y + RNE_MAGIC,
     whose low byte is the code."""
-    return gl.inline_asm_elementwise(
-        """{ .reg .b32 lo, hi;
-        prmt.b32 lo, $1, $2, 0x40;
-        prmt.b32 hi, $3, $4, 0x40;
-        prmt.b32 $0, lo, hi, 0x5410; }""",
-        "=r,r,r,r,r", [y0.to(gl.int32, bitcast=True), y1.to(gl.int32, bitcast=True), y2.to(gl.int32, bitcast=True),
-                       y3.to(gl.int32, bitcast=True)], dtype=gl.int32, is_pure=True, pack=1)
+    bits = [y0.to(gl.int32, bitcast=True), y1.to(gl.int32, bitcast=True), y2.to(gl.int32, bitcast=True),
+            y3.to(gl.int32, bitcast=True)]
+    return gl.inline_asm_elementwise(PACK_BYTES_PTX, "=r,r,r,r,r", bits, dtype=gl.int32, is_pure=True, pack=1)
 
 
 @gluon.jit
 def _pack_fp8(y0, y1, y2, y3):
     """Word of the four e4m3 codes (round to nearest even, saturating) of four fp32 planes."""
-    return gl.inline_asm_elementwise(
-        """{ .reg .b16 lo, hi;
-        cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;
-        cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;
-        mov.b32 $0, {lo, hi}; }""",
-        "=r,f,f,f,f", [y0, y1, y2, y3], dtype=gl.int32, is_pure=True, pack=1)
+    return gl.inline_asm_elementwise(PACK_FP8_PTX, "=r,f,f,f,f", [y0, y1, y2, y3], dtype=gl.int32, is_pure=True,
+                                     pack=1)
 
 
 @gluon.jit
@@ -182,6 +150,9 @@ def _row_inputs(q_ptr, k_ptr, g_ptr, b_ptr, scales_ptr, bi, hv, head, ok, HQ: gl
             gl.load(scales_ptr + head * K + ok))
 
 
+# Gluon cannot call @triton.jit functions: the gate and row-term helpers below restate decode.py's
+# (gates_from_preactivations, _key_vectors, _store_output_norm) in Gluon; the GPU checks compare both kernels
+# with the same PyTorch reference.
 @gluon.jit
 def _softplus(x):
     sp = gl.log(1.0 + gl.exp(gl.minimum(x, 20.0)))
@@ -302,8 +273,8 @@ def _decode8_staged_kernel(
     # barrier
     ubuf = (gl.allocate_shared_memory(gl.float32, [W], ROWS_SL), gl.allocate_shared_memory(gl.float32, [W], ROWS_SL),
             gl.allocate_shared_memory(gl.float32, [W], ROWS_SL), gl.allocate_shared_memory(gl.float32, [W], ROWS_SL))
-    chunks = (_chunks(rows[0], NC, RC, ROWS_SL), _chunks(rows[1], NC, RC, ROWS_SL), _chunks(rows[2], NC, RC, ROWS_SL),
-              _chunks(rows[3], NC, RC, ROWS_SL))
+    chunks = (_view(rows[0], [NC, RC], ROWS_SL), _view(rows[1], [NC, RC], ROWS_SL), _view(rows[2], [NC, RC], ROWS_SL),
+              _view(rows[3], [NC, RC], ROWS_SL))
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     om = gl.arange(0, W, layout=COL1) * 4
@@ -328,7 +299,7 @@ def _decode8_staged_kernel(
             _copy_tile(tiles.index(0), codes_ptr, head_n, valid_n, K, W, NW)
         q_n, k_n, g_n, b_n, sc_n = _row_inputs(q_ptr, k_ptr, g_ptr, b_ptr, scales_ptr, bi_n, hv_n, head_n, ok, HQ,
                                                 HV, K)
-        tile = _chunks3(tiles.index(i % 2), NC, RC, W, TILE_SL)   # as NC chunks of RC rows
+        tile = _view(tiles.index(i % 2), [NC, RC, W], TILE_SL)   # as NC chunks of RC rows
         hq = hv // (HV // HQ)
         vbase = (bi * HV + hv) * V + om      # value-side inputs: first needed after pass 1
         v0, v1, v2, v3 = (gl.load(v_ptr + vbase), gl.load(v_ptr + vbase + 1), gl.load(v_ptr + vbase + 2),

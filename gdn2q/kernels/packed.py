@@ -18,6 +18,39 @@ from gdn2q.kernels.state_io import FP8_QMAX, INT8_QMAX, INTERPRETED, RNE_MAGIC, 
 
 INT8_BIAS: tl.constexpr = tl.constexpr(8388736.0)         # 2^23 + 128: float of bits 0x4B000000 | (c ^ 0x80)
 
+# The PTX of the word (un)packing, shared with the Gluon kernel of decode_staged.py (Gluon cannot call
+# @triton.jit functions, but takes the same asm text). Operands: $0-$3 the four planes, $4 the word (unpack);
+# $0 the word, $1-$4 the planes (pack).
+UNPACK_INT8_PTX: tl.constexpr = tl.constexpr(
+    """{ .reg .b32 x, c;
+    xor.b32 x, $4, 0x80808080;
+    mov.b32 c, 0x4B000000;
+    prmt.b32 $0, x, c, 0x7440;
+    prmt.b32 $1, x, c, 0x7441;
+    prmt.b32 $2, x, c, 0x7442;
+    prmt.b32 $3, x, c, 0x7443; }""")
+UNPACK_FP8_PTX: tl.constexpr = tl.constexpr(
+    """{ .reg .b16 l, h, a, b, c, d; .reg .b32 pl, ph;
+    mov.b32 {l, h}, $4;
+    cvt.rn.f16x2.e4m3x2 pl, l;
+    cvt.rn.f16x2.e4m3x2 ph, h;
+    mov.b32 {a, b}, pl;
+    mov.b32 {c, d}, ph;
+    cvt.f32.f16 $0, a;
+    cvt.f32.f16 $1, b;
+    cvt.f32.f16 $2, c;
+    cvt.f32.f16 $3, d; }""")
+PACK_BYTES_PTX: tl.constexpr = tl.constexpr(   # the low bytes of four registers, $1 lowest
+    """{ .reg .b32 lo, hi;
+    prmt.b32 lo, $1, $2, 0x40;
+    prmt.b32 hi, $3, $4, 0x40;
+    prmt.b32 $0, lo, hi, 0x5410; }""")
+PACK_FP8_PTX: tl.constexpr = tl.constexpr(     # e4m3, round to nearest even, saturating
+    """{ .reg .b16 lo, hi;
+    cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;
+    cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;
+    mov.b32 $0, {lo, hi}; }""")
+
 
 @triton.jit
 def unpack_plane(wd, J: tl.constexpr, MODE: tl.constexpr):
@@ -38,14 +71,8 @@ def unpack_int8_word(wd):
         x0, x1, x2, x3 = unpack_plane(wd, 0, 2), unpack_plane(wd, 1, 2), unpack_plane(wd, 2, 2), unpack_plane(wd, 3, 2)
     else:
         b0, b1, b2, b3 = tl.inline_asm_elementwise(
-            """{ .reg .b32 x, c;
-            xor.b32 x, $4, 0x80808080;
-            mov.b32 c, 0x4B000000;
-            prmt.b32 $0, x, c, 0x7440;
-            prmt.b32 $1, x, c, 0x7441;
-            prmt.b32 $2, x, c, 0x7442;
-            prmt.b32 $3, x, c, 0x7443; }""",
-            "=r,=r,=r,=r,r", [wd], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+            UNPACK_INT8_PTX, "=r,=r,=r,=r,r", [wd], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+            pack=1)
         x0 = b0.to(tl.float32, bitcast=True) - INT8_BIAS
         x1 = b1.to(tl.float32, bitcast=True) - INT8_BIAS
         x2 = b2.to(tl.float32, bitcast=True) - INT8_BIAS
@@ -60,17 +87,8 @@ def unpack_fp8_word(wd):
         x0, x1, x2, x3 = unpack_plane(wd, 0, 3), unpack_plane(wd, 1, 3), unpack_plane(wd, 2, 3), unpack_plane(wd, 3, 3)
     else:
         x0, x1, x2, x3 = tl.inline_asm_elementwise(
-            """{ .reg .b16 l, h, a, b, c, d; .reg .b32 pl, ph;
-            mov.b32 {l, h}, $4;
-            cvt.rn.f16x2.e4m3x2 pl, l;
-            cvt.rn.f16x2.e4m3x2 ph, h;
-            mov.b32 {a, b}, pl;
-            mov.b32 {c, d}, ph;
-            cvt.f32.f16 $0, a;
-            cvt.f32.f16 $1, b;
-            cvt.f32.f16 $2, c;
-            cvt.f32.f16 $3, d; }""",
-            "=f,=f,=f,=f,r", [wd], dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+            UNPACK_FP8_PTX, "=f,=f,=f,=f,r", [wd], dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True, pack=1)
     return x0, x1, x2, x3
 
 
@@ -81,11 +99,7 @@ def pack_bytes(b0, b1, b2, b3):
         wd = (b0 & 0xFF) | ((b1 & 0xFF) << 8) | ((b2 & 0xFF) << 16) | (b3 << 24)
     else:
         wd = tl.inline_asm_elementwise(
-            """{ .reg .b32 lo, hi;
-            prmt.b32 lo, $1, $2, 0x40;
-            prmt.b32 hi, $3, $4, 0x40;
-            prmt.b32 $0, lo, hi, 0x5410; }""",
-            "=r,r,r,r,r", [b0, b1, b2, b3], dtype=tl.int32, is_pure=True, pack=1)
+            PACK_BYTES_PTX, "=r,r,r,r,r", [b0, b1, b2, b3], dtype=tl.int32, is_pure=True, pack=1)
     return wd
 
 
@@ -126,9 +140,5 @@ def pack_fp8(y0, y1, y2, y3):
                         code_byte(y2, y2, 3, 0, False)[0], code_byte(y3, y3, 3, 0, False)[0])
     else:
         wd = tl.inline_asm_elementwise(
-            """{ .reg .b16 lo, hi;
-            cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;
-            cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;
-            mov.b32 $0, {lo, hi}; }""",
-            "=r,f,f,f,f", [y0, y1, y2, y3], dtype=tl.int32, is_pure=True, pack=1)
+            PACK_FP8_PTX, "=r,f,f,f,f", [y0, y1, y2, y3], dtype=tl.int32, is_pure=True, pack=1)
     return wd
