@@ -28,9 +28,9 @@ FEW, MEDIUM, MANY = 8 * 16, 64 * 16, 256 * 16    # (sequence, value head) tiles 
 
 
 @pytest.mark.parametrize("dtype", ["int8", "fp8"])
-def test_staged_kernel_is_picked_for_many_tiles_of_a_covered_format(dtype: str):
+def test_staged_kernel_is_picked_for_few_and_many_tiles_of_a_covered_format(dtype: str):
     assert launch_params(StateQuantConfig(dtype), MANY, SMS)["staged"] == 1
-    assert launch_params(StateQuantConfig(dtype), FEW, SMS)["staged"] == 0
+    assert launch_params(StateQuantConfig(dtype), FEW, SMS)["staged"] == 1
     assert launch_params(StateQuantConfig(dtype), MEDIUM, SMS)["staged"] == 0
     assert launch_params(StateQuantConfig(dtype), MANY, SMS, staged=0) == {**LAUNCH[("8bit", "many")], "staged": 0}
     assert launch_params(StateQuantConfig(dtype), MEDIUM, SMS, staged=1)["num_warps"] == 4
@@ -86,8 +86,9 @@ print(json.dumps({"usage": usage, "ops": ops}))
 @pytest.mark.parametrize("mode,out_norm", [(2, False), (3, True)])
 def test_staged_kernel_builds_for_sm90_within_its_register_budget(mode: int, out_norm: bool):
     """The tile arrives through asynchronous copies (LDGSTS) into shared memory and both passes read it there
-    (LDS); four 4-warp programs per multiprocessor (LAUNCH) fit 128 registers a thread, the launch's cap, with
-    at most a few words spilled (register use differs between Triton versions: none spill with 3.6)."""
+    (LDS), pass 1 on the tensor cores (int8 IMMA, fp8 through f16 HMMA); four 4-warp programs per
+    multiprocessor (LAUNCH) fit 128 registers a thread, the launch's cap, with at most a few words spilled
+    (register use differs between Triton versions: none spill with 3.6)."""
     triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this Triton has no bundled ptxas")
@@ -104,3 +105,4 @@ def test_staged_kernel_builds_for_sm90_within_its_register_budget(mode: int, out
     assert launch["num_warps"] * 32 * launch["maxnreg"] * launch["programs_per_sm"] <= 65536
     assert usage["REG"] <= launch["maxnreg"] and usage.get("STACK", 0) <= 64, usage
     assert ops.get("LDGSTS", 0) > 0 and ops.get("LDS", 0) > 0, ops
+    assert ops.get("IMMA" if mode == 2 else "HMMA", 0) >= 32, ops   # 16 steps x 2 (int8), 32 steps (fp8)

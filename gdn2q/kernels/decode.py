@@ -469,18 +469,17 @@ def seed_tensor(fmt: StateQuantConfig, seed: int | torch.Tensor | None, device: 
 # their per-block overhead made them 40% slower; capping registers to fit 18-24 one-warp programs per
 # multiprocessor (a few spills) was 6-47% slower. Narrow V blocks for fp32/bf16.
 # "8bit-staged" is the Gluon kernel of decode_staged.py (formats it covers, GPU only), used where the table has a
-# tier for it. H100, one-off sweeps of this session (several machines): at B=256 int8 62.4-64.4 us against
-# 80.9-81.3 for the one-warp kernel, fp8 62.6-65.4 with the pass loops unrolled twice (63.7-76.9 without)
-# against 80.2-80.7; at B=64 no faster (22.6-25.2 against 22.6-23.7 us) and the graphed 1.3B step slower with it
-# (1.485 against 1.447-1.452 ms), so the medium tier keeps the one-warp kernel. At B=1 and 8 it was faster (int8
-# 8.0-8.2 against 9.5 us at B=1, 9.1 against 10.9 at B=8; fp8 8.3-8.4 / 9.3 against 9.6 / 10.4), measured after
-# the last kernel table of the session, so the few tier is not switched yet (docs/kernels.md). Four
-# 4-warp programs per multiprocessor: their registers (113-128 a thread with Triton 3.6; capped at 128, which
-# other Triton builds can exceed) and shared memory allow no more.
+# tier for it. H100, one process each (docs/kernels.md): with pass 1 on the tensor cores, int8 at B=1 / 8 / 64 / 256
+# 8.2 / 9.5 / 20.3-20.8 / 61.3-62.1 us against 9.8 / 11.0 / 22.6-23.6 / 81.0 for the one-warp kernel (fp8 alike).
+# The medium tier keeps the one-warp kernel all the same: in the graphed 1.3B step (B=64, fused gates and output
+# norm, PDL) the Gluon kernel made the step slower, 1.451-1.457 against 1.4415-1.4421 ms. Four 4-warp programs
+# per multiprocessor: their registers (104-125 a thread; capped at 128) and shared memory (two 16 KB tiles)
+# allow no more; five under a 96-register cap were 1-2% slower.
 LAUNCH: dict[tuple[str, str], dict[str, int]] = {
     ("8bit", "few"): dict(num_warps=4, block_k=128, unroll=1, stages=1, programs_per_sm=2),
     ("8bit", "medium"): dict(num_warps=1, block_k=8, unroll=2, stages=3, programs_per_sm=16),
     ("8bit", "many"): dict(num_warps=1, block_k=8, unroll=2, stages=3, programs_per_sm=16),
+    ("8bit-staged", "few"): dict(num_warps=4, unroll=2, programs_per_sm=4, maxnreg=128),
     ("8bit-staged", "many"): dict(num_warps=4, unroll=2, programs_per_sm=4, maxnreg=128),
     ("bf16", "few"): dict(num_warps=4, block_v=32, stages=1, programs_per_sm=8),
     ("bf16", "medium"): dict(num_warps=4, block_v=64, stages=1, programs_per_sm=4),
