@@ -470,7 +470,7 @@ def seed_tensor(fmt: StateQuantConfig, seed: int | torch.Tensor | None, device: 
 # multiprocessor (a few spills) was 6-47% slower. Narrow V blocks for fp32/bf16.
 # "8bit-staged" is the Gluon kernel of decode_staged.py (formats it covers, GPU only), used where the table has a
 # tier for it. H100, one process each (docs/kernels.md): with pass 1 on the tensor cores, int8 at B=1 / 8 / 64 / 256
-# 8.2 / 9.5 / 20.3-20.8 / 61.3-62.1 us against 9.8 / 11.0 / 22.6-23.6 / 81.0 for the one-warp kernel (fp8 alike).
+# 8.2 / 9.5 / 20.6-20.8 / 61.3-62.1 us against 9.8 / 11.0 / 23.5-23.7 / 81.0 for the one-warp kernel (fp8 alike).
 # The medium tier keeps the one-warp kernel all the same: in the graphed 1.3B step (B=64, fused gates and output
 # norm, PDL) the Gluon kernel made the step slower, 1.451-1.457 against 1.4415-1.4421 ms. Four 4-warp programs
 # per multiprocessor: their registers (104-125 a thread; capped at 128) and shared memory (two 16 KB tiles)
