@@ -313,22 +313,26 @@ def _gate_inputs(z_ptr, zb_ptr, bi, hv, om, z_stride, p: gl.constexpr, V: gl.con
     return z
 
 
-@gluon.jit
-def _mma_s8(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-    """One warp's int8 tensor-core product (m16n8k32, int32 sums) on its lanes' fragment registers."""
-    return gl.inline_asm_elementwise(
-        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
-        "{$10, $11, $12, $13};", "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
-        dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+def _mma_ptx(shape: str) -> str:
+    return f"mma.sync.aligned.{shape} {{$0, $1, $2, $3}}, {{$4, $5, $6, $7}}, {{$8, $9}}, {{$10, $11, $12, $13}};"
+
+
+MMA_S8_PTX: gl.constexpr = gl.constexpr(_mma_ptx("m16n8k32.row.col.s32.s8.s8.s32"))
+MMA_F16_PTX: gl.constexpr = gl.constexpr(_mma_ptx("m16n8k16.row.col.f32.f16.f16.f32"))
 
 
 @gluon.jit
-def _mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-    """One warp's f16 tensor-core product (m16n8k16, fp32 sums) on its lanes' fragment registers."""
-    return gl.inline_asm_elementwise(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
-        "{$10, $11, $12, $13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
-        dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
+def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, INT8: gl.constexpr):
+    """One warp's tensor-core product on its lanes' fragment registers: int8 m16n8k32 with int32 sums, or f16
+    m16n8k16 with fp32 sums."""
+    if INT8:
+        return gl.inline_asm_elementwise(MMA_S8_PTX, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
+                                         [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                                         dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+    else:
+        return gl.inline_asm_elementwise(MMA_F16_PTX, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                                         [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                                         dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -390,9 +394,9 @@ def _read_weights(tile, lo_rows, hi_rows, sel0, sel1, sel2, K: gl.constexpr, W: 
                 h0 = gl.expand_dims(hq.index(2 * s).load(TROW), 1)
                 l1 = gl.expand_dims(lq.index(2 * s + 1).load(TROW), 1)
                 h1 = gl.expand_dims(hq.index(2 * s + 1).load(TROW), 1)
-                c0, c1, c2, c3 = _mma_s8(_prmt(l0, h0, sel0), _prmt(l0, h0, sel1), _prmt(l1, h1, sel0),
-                                         _prmt(l1, h1, sel1), b0, b1, c0, c1, c2, c3)
-                m0, m1, m2, m3 = _mma_s8(_prmt(l0, h0, sel2), zi, _prmt(l1, h1, sel2), zi, b0, b1, m0, m1, m2, m3)
+                c0, c1, c2, c3 = _mma(_prmt(l0, h0, sel0), _prmt(l0, h0, sel1), _prmt(l1, h1, sel0),
+                                      _prmt(l1, h1, sel1), b0, b1, c0, c1, c2, c3, True)
+                m0, m1, m2, m3 = _mma(_prmt(l0, h0, sel2), zi, _prmt(l1, h1, sel2), zi, b0, b1, m0, m1, m2, m3, True)
         # lanes g < 4: e0 (c0, c1), e2 (c2, c3), p1 (m0, m1); lanes g >= 4: e1, p0, p2
         low = gl.expand_dims((gl.arange(0, W, layout=gl.SliceLayout(0, THR)) % 8) < 4, 0)
         u1: gl.constexpr = 1.0 / DIGIT_BASE
@@ -413,8 +417,8 @@ def _read_weights(tile, lo_rows, hi_rows, sel0, sel1, sel2, K: gl.constexpr, W: 
                 b0, b1 = _e4m3_pairs(tq.index(s).load(THR))
                 lw = gl.expand_dims(lq.index(s).load(TROW), 1)
                 hw = gl.expand_dims(hq.index(s).load(TROW), 1)
-                r0, r1, o0, o1 = _mma_f16(_prmt(lw, zero, sel0), _prmt(hw, zero, sel0), _prmt(lw, zero, sel1),
-                                          _prmt(hw, zero, sel1), b0, b1, r0, r1, o0, o1)
+                r0, r1, o0, o1 = _mma(_prmt(lw, zero, sel0), _prmt(hw, zero, sel0), _prmt(lw, zero, sel1),
+                                      _prmt(hw, zero, sel1), b0, b1, r0, r1, o0, o1, False)
         # lanes g < 4: the hi digits' sums, g >= 4: the lo digits'
     return _planes(r0, r1, W, False), _planes(o0, o1, W, False)
 
