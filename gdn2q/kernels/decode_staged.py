@@ -117,8 +117,8 @@ def _unpack(wd, MODE: gl.constexpr):
 
 @gluon.jit
 def _pack_int8(y0, y1, y2, y3):
-    """Word of four int8 codes round(y) (half to even; |y| <= 127 by construction), each y given as y + RNE_MAGIC,
-    whose low byte is the code."""
+    """Word of four int8 values round(y) (half to even; |y| <= 127 by construction), each y given as y + RNE_MAGIC,
+    whose low byte is the value: pass 1's weight digits (pass 2's codes: :func:`_pack_int8_biased`)."""
     bits = [y0.to(gl.int32, bitcast=True), y1.to(gl.int32, bitcast=True), y2.to(gl.int32, bitcast=True),
             y3.to(gl.int32, bitcast=True)]
     return gl.inline_asm_elementwise(PACK_BYTES_PTX, "=r,r,r,r,r", bits, dtype=gl.int32, is_pure=True, pack=1)
