@@ -1,6 +1,7 @@
-"""The Gluon kernel's int8 codec (decode_staged.py: f16x2 unpack, IMAD pack) on every code, through a small
-emulator of the few PTX instructions it uses. Gluon has no CPU interpreter, so CI cannot run that PTX; the
-emulator reads the kernel's own asm text, so a wrong selector or constant fails here and not only on a GPU."""
+"""The Gluon kernel's int8 codec (packed.py's f16x2 unpack and IMAD pack, used by decode_staged.py) on every
+code, through a small emulator of the few PTX instructions it uses. Gluon has no CPU interpreter, so CI cannot run
+that PTX; the emulator reads the kernel's own asm text, so a wrong selector or constant fails here and not only on
+a GPU."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ from functools import partial
 
 import numpy as np
 
-from gdn2q.kernels.decode_staged import PACK_INT8_MAD_PTX, UNPACK_INT8_F16_PTX
-from gdn2q.kernels.packed import INT8_BIAS
+from gdn2q.kernels.packed import INT8_BIAS, PACK_INT8_MAD_PTX, UNPACK_INT8_F16_PTX
 
 
 def _operand(regs: dict[str, np.ndarray], tok: str) -> np.ndarray:

@@ -41,20 +41,17 @@ STATES = {"fp32": StateQuantConfig("fp32"), "bf16": StateQuantConfig("bf16"), "i
 
 def copy_bandwidth() -> float:
     """GB/s of a 2 GiB device-to-device copy, counting bytes read plus bytes written."""
-    x = torch.randn(2 ** 29, device="cuda")
-    y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
-    return 2 * x.numel() * 4 / ms / 1e6
+    return copy_same_bytes_gbps(2 * 2 ** 31)
 
 
 @cache
 def copy_same_bytes_gbps(nbytes: int) -> float:
-    """GB/s of a device copy that reads and writes ``nbytes`` in all, timed as :func:`copy_bandwidth`.
+    """GB/s of a direct device copy that reads and writes ``nbytes`` in all (medians of do_bench).
 
-    Why: a short kernel cannot reach the 2 GiB copy's bandwidth, whose launch and ramp are amortised over
-    ~1 ms; a plain copy of a B=256 int8 state's bytes (~37 µs on an H200) reaches only ~87% of it. This column
-    says how close a decode step is to the copy of its own bytes under the same harness."""
-    x = torch.empty(max(nbytes // 8, 1), device="cuda")
+    Why a copy of each row's own bytes: a short kernel cannot reach the 2 GiB copy's bandwidth, whose launch and
+    ramp are amortised over ~1 ms, and neither can a copy as short as the kernel (docs/kernels.md, the H200
+    section); this column says how close a decode step is to the copy of its own bytes under the same harness."""
+    x = torch.randn(max(nbytes // 8, 1), device="cuda")
     y = torch.empty_like(x)
     ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
     return 2 * x.numel() * 4 / ms / 1e6

@@ -29,7 +29,14 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
-from gdn2q.kernels.packed import INT8_BIAS, PACK_BYTES_PTX, PACK_FP8_PTX, UNPACK_FP8_PTX
+from gdn2q.kernels.packed import (
+    INT8_BIAS,
+    PACK_BYTES_PTX,
+    PACK_FP8_PTX,
+    PACK_INT8_MAD_PTX,
+    UNPACK_FP8_PTX,
+    UNPACK_INT8_F16_PTX,
+)
 from gdn2q.quant.state import QMAX
 
 D_TINY: gl.constexpr = gl.constexpr(1e-24)        # as decode.D_TINY: floor of d where the update divides by it
@@ -71,36 +78,6 @@ def _launch_dependents(x):
                               is_pure=False, pack=1)
 
 
-# Pass 2's int8 codec leans on the FMA pipe: the ALU pipe issues at half its rate and carries pass 2's absmax
-# (`fmnmx`) already. Unpack: one xor per word and one prmt per two codes give the f16 pair 1024 + (code + 128),
-# an f16x2 subtract leaves the codes, conversions to fp32 (FMA pipe): 3 ALU operations a word instead of 5.
-# Pack: each plane as the fp32 2^23 + 128 + round(y) (bits 0x4B000000 + the biased code), two IMADs join the
-# pairs (y1 * 256 + y0: y1's exponent bits fall off the top), one prmt the halves, one xor unbiases: 2 ALU
-# operations instead of 3. Same codes bit for bit; H200, B=256: 48.2-48.4 against 49.0-49.2 µs
-# (docs/kernels.md).
-UNPACK_INT8_F16_PTX: gl.constexpr = gl.constexpr(
-    """{ .reg .b32 x, c, h, p0, p1; .reg .b16 a, b, d, e;
-    xor.b32 x, $4, 0x80808080;
-    mov.b32 c, 0x64646464;
-    mov.b32 h, 0x64806480;
-    prmt.b32 p0, x, c, 0x4140;
-    prmt.b32 p1, x, c, 0x4342;
-    sub.rn.f16x2 p0, p0, h;
-    sub.rn.f16x2 p1, p1, h;
-    mov.b32 {a, b}, p0;
-    mov.b32 {d, e}, p1;
-    cvt.f32.f16 $0, a;
-    cvt.f32.f16 $1, b;
-    cvt.f32.f16 $2, d;
-    cvt.f32.f16 $3, e; }""")
-PACK_INT8_MAD_PTX: gl.constexpr = gl.constexpr(
-    """{ .reg .b32 lo, hi;
-    mad.lo.u32 lo, $2, 256, $1;
-    mad.lo.u32 hi, $4, 256, $3;
-    prmt.b32 lo, lo, hi, 0x5410;
-    xor.b32 $0, lo, 0x80808080; }""")
-
-
 @gluon.jit
 def _unpack(wd, MODE: gl.constexpr):
     """The four code planes (byte j of each word: columns 4m + j) as fp32 (packed.unpack_*_word's values)."""
@@ -116,20 +93,13 @@ def _unpack(wd, MODE: gl.constexpr):
 
 
 @gluon.jit
-def _pack_int8(y0, y1, y2, y3):
-    """Word of four int8 values round(y) (half to even; |y| <= 127 by construction), each y given as y + RNE_MAGIC,
-    whose low byte is the value: pass 1's weight digits (pass 2's codes: :func:`_pack_int8_biased`)."""
+def _pack_int8(y0, y1, y2, y3, PTX: gl.constexpr):
+    """Word of four int8 values round(y) (half to even; |y| <= 127 by construction) from their fp32 planes:
+    PACK_BYTES_PTX takes each y as y + RNE_MAGIC, whose low byte is the value (pass 1's weight digits);
+    PACK_INT8_MAD_PTX each y as y + INT8_BIAS (pass 2's codes, packed.py says why)."""
     bits = [y0.to(gl.int32, bitcast=True), y1.to(gl.int32, bitcast=True), y2.to(gl.int32, bitcast=True),
             y3.to(gl.int32, bitcast=True)]
-    return gl.inline_asm_elementwise(PACK_BYTES_PTX, "=r,r,r,r,r", bits, dtype=gl.int32, is_pure=True, pack=1)
-
-
-@gluon.jit
-def _pack_int8_biased(y0, y1, y2, y3):
-    """Word of four int8 codes, each y given as the fp32 2^23 + 128 + code (|code| <= 127)."""
-    bits = [y0.to(gl.int32, bitcast=True), y1.to(gl.int32, bitcast=True), y2.to(gl.int32, bitcast=True),
-            y3.to(gl.int32, bitcast=True)]
-    return gl.inline_asm_elementwise(PACK_INT8_MAD_PTX, "=r,r,r,r,r", bits, dtype=gl.int32, is_pure=True, pack=1)
+    return gl.inline_asm_elementwise(PTX, "=r,r,r,r,r", bits, dtype=gl.int32, is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -267,8 +237,8 @@ def _stage_rows(rows, digits, stats, q, k, g, b, sc, alog_ptr, dtb_ptr, hq, ok, 
     if MODE == 2:
         we0, we1, we2 = _int8_digits(e * (127.0 / emax))
         wp0, wp1, wp2 = _int8_digits(p * (127.0 / pmax))
-        lo = _pack_int8(we0, we1, we2, wp0)
-        hi = _pack_int8(wp1, wp2, gl.full_like(wp2, RNE_MAGIC), gl.full_like(wp2, RNE_MAGIC))
+        lo = _pack_int8(we0, we1, we2, wp0, PACK_BYTES_PTX)
+        hi = _pack_int8(wp1, wp2, gl.full_like(wp2, RNE_MAGIC), gl.full_like(wp2, RNE_MAGIC), PACK_BYTES_PTX)
         unit = 1.0 / 127.0
     else:
         lo = _f16_pair(e * (256.0 / emax))
@@ -607,8 +577,8 @@ def _decode8_staged_kernel(
                 sc_new = gl.maximum(dc * amax, TINY) / QMAXV
                 mult = gl.expand_dims(dc * _rcp(sc_new), 1)
                 if MODE == 2:   # round half to even: 2^23 + 128 is even
-                    wd = _pack_int8_biased(gl.fma(t0, mult, INT8_BIAS), gl.fma(t1, mult, INT8_BIAS),
-                                           gl.fma(t2, mult, INT8_BIAS), gl.fma(t3, mult, INT8_BIAS))
+                    wd = _pack_int8(gl.fma(t0, mult, INT8_BIAS), gl.fma(t1, mult, INT8_BIAS),
+                                    gl.fma(t2, mult, INT8_BIAS), gl.fma(t3, mult, INT8_BIAS), PACK_INT8_MAD_PTX)
                 else:
                     wd = _pack_fp8(t0 * mult, t1 * mult, t2 * mult, t3 * mult)
                 gl.store(tile_words + c * (RC * W), wd, mask=wmask)

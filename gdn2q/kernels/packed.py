@@ -29,17 +29,41 @@ UNPACK_INT8_PTX: tl.constexpr = tl.constexpr(
     prmt.b32 $1, x, c, 0x7441;
     prmt.b32 $2, x, c, 0x7442;
     prmt.b32 $3, x, c, 0x7443; }""")
-UNPACK_FP8_PTX: tl.constexpr = tl.constexpr(
-    """{ .reg .b16 l, h, a, b, c, d; .reg .b32 pl, ph;
-    mov.b32 {l, h}, $4;
-    cvt.rn.f16x2.e4m3x2 pl, l;
-    cvt.rn.f16x2.e4m3x2 ph, h;
-    mov.b32 {a, b}, pl;
-    mov.b32 {c, d}, ph;
+# the tail of both f16 unpacks: the f16 pairs in p0 (planes 0, 1) and p1 (planes 2, 3) to four fp32 planes
+_F16_PAIRS_TO_F32 = """
+    mov.b32 {a, b}, p0;
+    mov.b32 {c, d}, p1;
     cvt.f32.f16 $0, a;
     cvt.f32.f16 $1, b;
     cvt.f32.f16 $2, c;
-    cvt.f32.f16 $3, d; }""")
+    cvt.f32.f16 $3, d; }"""
+UNPACK_FP8_PTX: tl.constexpr = tl.constexpr(
+    """{ .reg .b16 l, h, a, b, c, d; .reg .b32 p0, p1;
+    mov.b32 {l, h}, $4;
+    cvt.rn.f16x2.e4m3x2 p0, l;
+    cvt.rn.f16x2.e4m3x2 p1, h;""" + _F16_PAIRS_TO_F32)
+# The Gluon kernel's int8 codec leans on the FMA pipe: the ALU pipe issues at half its rate and carries pass 2's
+# absmax (`fmnmx`) already. Unpack: one xor per word and one prmt per two codes give the f16 pair
+# 1024 + (code + 128), an f16x2 subtract leaves the codes, conversions to fp32 (FMA pipe): 3 ALU operations a
+# word instead of UNPACK_INT8_PTX's 5. Pack: each plane as the fp32 2^23 + 128 + round(y) (bits 0x4B000000 + the
+# biased code), two IMADs join the pairs (y1 * 256 + y0: y1's exponent bits fall off the top), one prmt the
+# halves, one xor unbiases: 2 ALU operations instead of PACK_BYTES_PTX's 3. Same codes bit for bit; H200,
+# B=256: 48.2-48.4 against 49.0-49.2 µs (docs/kernels.md).
+UNPACK_INT8_F16_PTX: tl.constexpr = tl.constexpr(
+    """{ .reg .b32 x, k, m, p0, p1; .reg .b16 a, b, c, d;
+    xor.b32 x, $4, 0x80808080;
+    mov.b32 k, 0x64646464;
+    mov.b32 m, 0x64806480;
+    prmt.b32 p0, x, k, 0x4140;
+    prmt.b32 p1, x, k, 0x4342;
+    sub.rn.f16x2 p0, p0, m;
+    sub.rn.f16x2 p1, p1, m;""" + _F16_PAIRS_TO_F32)
+PACK_INT8_MAD_PTX: tl.constexpr = tl.constexpr(   # each plane as the fp32 2^23 + 128 + code
+    """{ .reg .b32 lo, hi;
+    mad.lo.u32 lo, $2, 256, $1;
+    mad.lo.u32 hi, $4, 256, $3;
+    prmt.b32 lo, lo, hi, 0x5410;
+    xor.b32 $0, lo, 0x80808080; }""")
 PACK_BYTES_PTX: tl.constexpr = tl.constexpr(   # the low bytes of four registers, $1 lowest
     """{ .reg .b32 lo, hi;
     prmt.b32 lo, $1, $2, 0x40;
